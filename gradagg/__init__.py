@@ -1,0 +1,14 @@
+"""gradagg: functional, hook-free aggregation of per-task gradients for multi-task learning.
+
+    g = gradagg.aggregate(jac, method="upgrad")
+
+``jac`` is a per-task Jacobian (Tensor [K, ...] or a pytree of them); the result has its structure
+without the leading K.
+"""
+
+from ._api import NonFiniteError, aggregate, gramian, methods, weights, weights_from_gramian
+from ._registry import MethodInfo
+
+__version__ = "0.1.0"
+
+__all__ = ["MethodInfo", "NonFiniteError", "aggregate", "gramian", "methods", "weights", "weights_from_gramian"]

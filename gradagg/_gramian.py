@@ -1,0 +1,73 @@
+"""The Gramian G = Σ_leaves J_l J_lᵀ, formed without concatenating leaves and without overflow.
+
+The fast path multiplies each leaf as it comes, accumulating in float32 (float64 for float64
+leaves). Squares of entries above ~1e19 overflow float32 and squares below ~1e-19 lose precision as
+subnormals; when the diagonal shows either (a non-finite or tiny positive G_ii), the Gramian is formed
+again from the leaves divided by a power of two near their largest magnitude, which is exact, and the
+scale is put back in float64. The result is always float64: it holds the squares of any float32
+Jacobian, and every K x K method works in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Positive diagonal entries below these are suspected of underflow in the accumulation dtype.
+_TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
+
+
+def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """float64 if any leaf is float64, else float32 (bfloat16 and float16 are widened)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _as_rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rows = leaf.reshape(leaf.shape[0], -1)
+    return rows if rows.dtype == dtype else rows.to(dtype)
+
+
+def _fast(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    g = None
+    for leaf in leaves:
+        rows = _as_rows(leaf, dtype)
+        g = rows @ rows.T if g is None else g.addmm_(rows, rows.T)
+    return g
+
+
+def _rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    peak = torch.stack([leaf.detach().abs().amax().to(torch.float64) for leaf in leaves]).amax()
+    exponent = torch.frexp(peak.clamp_min(torch.finfo(torch.float64).tiny))[1].to(torch.float64)
+    unit = torch.exp2(-exponent)
+    g = None
+    for leaf in leaves:
+        rows = _as_rows(leaf, dtype) * unit.to(dtype)
+        g = rows @ rows.T if g is None else g.addmm_(rows, rows.T)
+    return g.to(torch.float64) * torch.exp2(2.0 * exponent)
+
+
+def needs_rescale(g: torch.Tensor) -> torch.Tensor:
+    """Whether the fast Gramian overflowed or may have underflowed (a 0-dim bool tensor)."""
+    diag = torch.diagonal(g)
+    tiny = (diag > 0) & (diag < _TINY[g.dtype])
+    return ~torch.isfinite(diag).all() | tiny.any()
+
+
+def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
+    """float64 K x K Gramian. With ``rescue``, reads one flag and recomputes when it overflowed."""
+    dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
+    g = _fast(leaves, dtype)
+    if rescue and bool(needs_rescale(g)):
+        return _rescaled(leaves, dtype)
+    return g.to(torch.float64)
+
+
+@torch.library.custom_op("gradagg::gramian", mutates_args=())
+def gramian_op(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
+    """``gramian_of_leaves`` as one operator, so the overflow rescue stays out of compiled graphs."""
+    return gramian_of_leaves(leaves, rescue)
+
+
+@gramian_op.register_fake
+def _(leaves, rescue):
+    k = leaves[0].shape[0]
+    return leaves[0].new_empty((k, k), dtype=torch.float64)

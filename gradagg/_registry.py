@@ -1,0 +1,211 @@
+"""Method specifications: names, aliases, options with defaults, and one place that validates them."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method may read besides G and its options."""
+
+    generator: torch.Generator | None = None
+    state: Any = None
+    losses: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its default (or REQUIRED) and a check that returns the normalised value."""
+
+    name: str
+    default: Any
+    check: Callable[[str, Any, int], Any]
+    doc: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method. Weightings give ``weighting(G, ctx, **opts) -> w``; the others ``combine``."""
+
+    name: str
+    summary: str
+    source: str
+    options: tuple[Option, ...] = ()
+    aliases: tuple[str, ...] = ()
+    weighting: Callable[..., torch.Tensor] | None = None
+    combine: Callable[..., list[torch.Tensor]] | None = None
+    random: bool = False
+    stateful: bool = False
+    uses_gramian: bool = True
+
+    @property
+    def is_weighting(self) -> bool:
+        return self.weighting is not None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``gradagg.methods()`` reports about a method."""
+
+    name: str
+    aliases: tuple[str, ...]
+    weighting: bool
+    stateful: bool
+    random: bool
+    options: dict[str, Any]
+    summary: str
+    source: str = field(repr=False)
+
+
+_METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(method: Method) -> Method:
+    _METHODS[method.name] = method
+    for name in (method.name, *method.aliases):
+        _ALIASES[name] = method.name
+    return method
+
+
+def lookup(name: object) -> Method:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string, got {type(name).__name__}: {name!r}")
+    key = name.lower()
+    if key not in _ALIASES:
+        close = difflib.get_close_matches(key, list(_ALIASES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Valid methods: {', '.join(sorted(_ALIASES))}.")
+    return _METHODS[_ALIASES[key]]
+
+
+def all_methods() -> dict[str, Method]:
+    return dict(_METHODS)
+
+
+def info(method: Method) -> MethodInfo:
+    return MethodInfo(
+        name=method.name,
+        aliases=method.aliases,
+        weighting=method.is_weighting,
+        stateful=method.stateful,
+        random=method.random,
+        options={opt.name: opt.default for opt in method.options},
+        summary=method.summary,
+        source=method.source,
+    )
+
+
+def resolve_options(method: Method, given: dict[str, Any], k: int) -> dict[str, Any]:
+    """Checks option names, fills defaults and validates values for K tasks."""
+    known = {opt.name: opt for opt in method.options}
+    for name in given:
+        if name not in known:
+            valid = ", ".join(sorted(known)) or "none"
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown option {name!r} for method {method.name!r}.{hint} Valid options: {valid}.")
+    resolved = {}
+    for opt in method.options:
+        value = given.get(opt.name, opt.default)
+        if value is REQUIRED:
+            raise ValueError(f"method {method.name!r} requires the option {opt.name!r}: {opt.doc}")
+        resolved[opt.name] = opt.check(opt.name, value, k)
+    return resolved
+
+
+# --- option checks -------------------------------------------------------------------------------
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"option {name!r} must be a real number, got {type(value).__name__}: {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"option {name!r} must be finite, got {value!r}")
+    return float(value)
+
+
+def real_at_least(low: float, strict: bool = False) -> Callable[[str, Any, int], float]:
+    def check(name: str, value: Any, k: int) -> float:
+        x = _real(name, value)
+        if x < low or (strict and x == low):
+            raise ValueError(f"option {name!r} must be {'>' if strict else '≥'} {low}, got {x!r}")
+        return x
+
+    return check
+
+
+def real_in(low: float, high: float) -> Callable[[str, Any, int], float]:
+    def check(name: str, value: Any, k: int) -> float:
+        x = _real(name, value)
+        if not low <= x <= high:
+            raise ValueError(f"option {name!r} must lie in [{low}, {high}], got {x!r}")
+        return x
+
+    return check
+
+
+def choice(*choices: Any) -> Callable[[str, Any, int], Any]:
+    def check(name: str, value: Any, k: int) -> Any:
+        if isinstance(value, bool) or value not in choices:
+            raise ValueError(f"option {name!r} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        return value
+
+    return check
+
+
+def integer(low: Callable[[int], int], high: Callable[[int], int], what: str) -> Callable[[str, Any, int], int]:
+    def check(name: str, value: Any, k: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"option {name!r} must be an int, got {type(value).__name__}: {value!r}")
+        if not low(k) <= value <= high(k):
+            raise ValueError(f"option {name!r} must satisfy {what} (here K={k}), got {value}")
+        return value
+
+    return check
+
+
+def k_vector(nonnegative: bool, positive_sum: bool) -> Callable[[str, Any, int], Any]:
+    """A K-vector given as a sequence or a 1-D tensor; None stays None (the method's default)."""
+
+    def check(name: str, value: Any, k: int) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            vec = value
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            vec = torch.tensor([_real(f"{name}[{i}]", v) for i, v in enumerate(value)], dtype=torch.float64)
+        else:
+            raise TypeError(f"option {name!r} must be a sequence or 1-D tensor of {k} numbers, got {value!r}")
+        if vec.dim() != 1 or vec.shape[0] != k:
+            raise ValueError(f"option {name!r} must have length K={k}, got shape {tuple(vec.shape)}")
+        if vec.is_complex() or vec.dtype == torch.bool:
+            raise TypeError(f"option {name!r} must be real, got dtype {vec.dtype}")
+        if not torch.compiler.is_compiling() and (vec.device.type == "cpu"):
+            values = vec.detach()
+            if not torch.isfinite(values).all():
+                raise ValueError(f"option {name!r} must be finite, got {value!r}")
+            if nonnegative and (values < 0).any():
+                raise ValueError(f"option {name!r} must be nonnegative, got {value!r}")
+            if positive_sum and not values.sum() > 0:
+                raise ValueError(f"option {name!r} must have a positive sum, got {value!r}")
+        return vec
+
+    return check
+
+
+def as_vector(vec: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """The option vector on G's device and dtype; uniform 1/K when it was not given."""
+    if vec is None:
+        k = g.shape[-1]
+        return torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
+    return vec.to(device=g.device, dtype=g.dtype)

@@ -1,0 +1,35 @@
+"""Krum. Blanchard et al. (2017), "Machine learning with adversaries: Byzantine tolerant gradient
+descent".
+
+Each row scores the sum of its K − f − 2 smallest squared distances to the other rows, with
+‖g_i − g_j‖² = G_ii + G_jj − 2G_ij; the m lowest-scoring rows are averaged (ties go to the lower
+index).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._registry import REQUIRED, Context, Method, Option, integer, register
+
+
+def _krum(g: torch.Tensor, ctx: Context, f: int, m: int) -> torch.Tensor:
+    k = g.shape[-1]
+    diag = torch.diagonal(g)
+    dist = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * g).clamp_min(0)
+    dist = dist + torch.diag(torch.full_like(diag, float("inf")))
+    scores = dist.sort(-1).values[:, : k - f - 2].sum(-1)
+    chosen = scores.topk(m, largest=False).indices
+    return torch.zeros_like(diag).scatter(0, chosen, 1.0 / m)
+
+
+register(Method(
+    "krum", "Average the m rows closest to their K − f − 2 nearest neighbours.",
+    "Blanchard et al. 2017, 'Machine learning with adversaries: Byzantine tolerant gradient descent'",
+    options=(
+        Option("f", REQUIRED, integer(lambda k: 0, lambda k: k - 3, "0 ≤ f ≤ K − 3"),
+               "the number of faulty rows tolerated, 0 ≤ f ≤ K − 3"),
+        Option("m", 1, integer(lambda k: 1, lambda k: k, "1 ≤ m ≤ K"), "how many rows to average"),
+    ),
+    weighting=_krum,
+))

@@ -1,0 +1,55 @@
+"""PCGrad: gradient surgery. Yu et al. (2020), "Gradient surgery for multi-task learning".
+
+For each task i, g_i' starts at g_i; for each other task j, in an order drawn at random for i,
+if g_i'·g_j < 0 then g_i' −= (g_i'·g_j / ‖g_j‖²) g_j. The result is d = Σ_i g_i'.
+
+Every g_i' is a combination of the original rows, g_i' = Σ_j C_ij g_j, and g_i'·g_j = (C G)_ij,
+so the whole surgery runs on the K x K coefficient matrix C: K − 1 steps, all tasks at once.
+The weights are w = 1ᵀC. Tasks with a zero gradient project nothing away.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._registry import Context, Method, register
+
+
+def random_orders(k: int, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Row i: the K − 1 other tasks in a uniformly random order ([K, K−1])."""
+    keys = torch.rand(k, k, generator=generator, dtype=g.dtype, device=g.device)
+    keys = keys + 2.0 * torch.eye(k, dtype=g.dtype, device=g.device)  # i itself sorts last
+    return keys.argsort(-1)[:, : k - 1]
+
+
+def surgery(g: torch.Tensor, order: torch.Tensor, c: torch.Tensor, step) -> torch.Tensor:
+    """Runs the sequential updates ``c_i ← step(c_i, j)`` over each row's order of partners j."""
+    for t in range(order.shape[-1]):
+        c = step(c, order[:, t])
+    return c
+
+
+def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The coefficient matrix C with rows g_i' = Σ_j C_ij g_j."""
+    k = g.shape[-1]
+    diag = torch.diagonal(g)
+    safe = torch.where(diag > 0, diag, 1.0)
+
+    def project(c: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        dot = (c @ g).gather(1, j.unsqueeze(1)).squeeze(1)  # g_i'·g_j
+        coef = torch.where((dot < 0) & (diag[j] > 0), dot / safe[j], 0.0)
+        return c - coef.unsqueeze(1) * torch.nn.functional.one_hot(j, k).to(g.dtype)
+
+    eye = torch.eye(k, dtype=g.dtype, device=g.device)
+    return surgery(g, random_orders(k, g, generator), eye, project)
+
+
+def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    return pcgrad_matrix(g, ctx.generator).sum(0)
+
+
+register(Method(
+    "pcgrad", "Project each gradient off the others it conflicts with (random order), then sum.",
+    "Yu et al. 2020, 'Gradient surgery for multi-task learning'",
+    weighting=_pcgrad, random=True,
+))

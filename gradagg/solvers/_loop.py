@@ -1,0 +1,22 @@
+"""Iteration control shared by the K x K solvers.
+
+The solvers run a fixed, documented iteration budget in which every update is masked, so a problem
+that has converged is left unchanged by later iterations. That keeps them free of data-dependent
+control flow. When the iterates live in host memory (CPU tensors) reading the "all converged" flag
+costs nothing and is not a device synchronisation, so there the loop also stops early; the answer is
+bit-identical to running the whole budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def can_stop_early(t: torch.Tensor) -> bool:
+    """True where reading a flag from ``t``'s device is free (host memory, eager or inside an op)."""
+    return t.device.type == "cpu"
+
+
+def all_done(done: torch.Tensor) -> bool:
+    """Reads a CPU flag tensor; only call when ``can_stop_early`` is true."""
+    return bool(done.all())

@@ -1,0 +1,24 @@
+"""Pseudo-inverse and unit-diagonal scaling of small symmetric PSD matrices, via eigh."""
+
+from __future__ import annotations
+
+import torch
+
+#: Eigenvalues below RTOL times the largest are treated as zero.
+RTOL = 1e-12
+
+
+def unit_scaling(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, s): A = S G S with s_i = 1/‖g_i‖, and s_i = 0 for zero rows (which drop out)."""
+    diag = torch.diagonal(g)
+    pos = diag > 0
+    s = torch.where(pos, torch.rsqrt(torch.where(pos, diag, 1.0)), 0.0)
+    return g * s.unsqueeze(-1) * s.unsqueeze(-2), s
+
+
+def pinv_solve(a: torch.Tensor, rhs: torch.Tensor, rtol: float = RTOL) -> torch.Tensor:
+    """A⁺ rhs for symmetric PSD A, with eigenvalues below rtol · λ_max dropped."""
+    lam, vec = torch.linalg.eigh(a)
+    keep = lam > rtol * lam.amax().clamp_min(0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    return vec @ (inv * (vec.mT @ rhs))
