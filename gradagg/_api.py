@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch.utils import _pytree as pytree
 
-from . import methods as _methods  # noqa: F401  (registers every method)
+from . import _methods  # noqa: F401  (registers every method)
 from ._gramian import accumulation_dtype, gramian_op
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
 

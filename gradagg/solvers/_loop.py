@@ -20,3 +20,16 @@ def can_stop_early(t: torch.Tensor) -> bool:
 def all_done(done: torch.Tensor) -> bool:
     """Reads a CPU flag tensor; only call when ``can_stop_early`` is true."""
     return bool(done.all())
+
+
+class SolverError(RuntimeError):
+    """A K x K solver ran out of its iteration budget without meeting its optimality conditions."""
+
+
+def guard(result: torch.Tensor, converged: torch.Tensor, what: str) -> torch.Tensor:
+    """Never returns an unconverged answer as a number: raises where the flag is free to read
+    (CPU), and turns the affected rows into NaN elsewhere."""
+    if can_stop_early(converged) and not all_done(converged):
+        raise SolverError(f"{what} did not converge within its iteration budget; please report this input")
+    ok = converged.reshape(converged.shape + (1,) * (result.dim() - converged.dim()))
+    return torch.where(ok, result, float("nan"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._loop import all_done, can_stop_early
+from ._loop import all_done, can_stop_early, guard
 
 MAX_ITER = 80
 #: Trial step lengths of the line search.
@@ -77,7 +77,8 @@ def barrier_op(
     a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``solve_barrier`` as one opaque operator for compiled graphs."""
-    return solve_barrier(a, c, u0, beta, max_iter)
+    u, converged = solve_barrier(a, c, u0, beta, max_iter)
+    return guard(u, converged, "the Newton solver of A u = c u^(-beta)"), converged
 
 
 @barrier_op.register_fake

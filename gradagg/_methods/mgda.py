@@ -19,14 +19,15 @@ import torch
 
 from .._registry import Context, Method, register
 from ..solvers import nnqp_op, scaled_gramian
-from ..solvers.nnqp import default_budget
+from ..solvers.active_set import default_budget
 
 EPS = 1e-13
 
 
 def mgda_weights(g: torch.Tensor) -> torch.Tensor:
     """The min-norm simplex weights for the Gramian g (float64)."""
-    a, s = scaled_gramian(g, EPS)
+    # A zero gradient puts 0 in the hull: a vanishing regulariser there makes w exactly that vertex.
+    a, s = scaled_gramian(g, EPS, zero_eps=1e-300)
     y, _ = nnqp_op(a, s.unsqueeze(0), default_budget(g.shape[-1]))
     v = s * y[0]
     return v / v.sum()

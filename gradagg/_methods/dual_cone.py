@@ -17,7 +17,7 @@ import torch
 
 from .._registry import Context, Method, Option, as_vector, k_vector, register
 from ..solvers import nnqp_op, scaled_gramian
-from ..solvers.nnqp import default_budget
+from ..solvers.active_set import default_budget
 
 EPS = 1e-13
 

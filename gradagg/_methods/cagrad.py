@@ -10,6 +10,12 @@ uᵀGu = r². Its solution u(λ) is piecewise linear, and ψ(λ) = u(λ)ᵀG u(�
 is found by a safeguarded search: on the free set of the current u(λ), ψ is an explicit quadratic
 in λ whose root is taken when it lies inside the bracket of known values, bisection otherwise.
 Once λ lands on the right piece the root is exact. Then d's weights are 1/K + r u / ‖Jᵀu‖.
+
+When the minimum is attained at Jᵀw* = 0 (0 lies in the hull of the gradients and the ball
+reaches the dual cone) the formula for d is undefined: every d of the ball with min_i g_i·d = 0 is
+optimal, and gradagg returns the one nearest to g0, g0 projected onto the dual cone {x : J x ≥ 0}
+(DualProj with uniform preference). It is chosen by comparing the primal objective min_i g_i·d of
+both candidates, so no threshold on ‖Jᵀw*‖ is involved.
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ import torch
 
 from .._registry import Context, Method, Option, choice, real_at_least, register
 from ..solvers import nnqp, scaled_gramian
-from ..solvers._loop import all_done, can_stop_early
-from ..solvers.nnqp import _masked_solve
+from .dual_cone import project_dual_cone
+from ..solvers._loop import all_done, can_stop_early, guard
+from ..solvers.active_set import _masked_solve
 
 EPS = 1e-13
 MAX_OUTER = 60
 
 
 def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
-    """The weights of d before rescaling (float64, K)."""
+    """The weights of d = g0 + r Jᵀw*/‖Jᵀw*‖ before rescaling (float64)."""
     k = g.shape[-1]
     gn = g / torch.diagonal(g).amax().clamp_min(torch.finfo(g.dtype).tiny)
     b = gn.sum(1) / k
@@ -36,32 +43,37 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
     rr = r * r
     lo, hi = b.amin(), torch.full_like(r, float("inf"))
     lam = lo + 1.0
-    free = torch.ones(1, k, dtype=torch.bool, device=g.device)
     y = torch.zeros(1, k, dtype=g.dtype, device=g.device)
+    support = torch.zeros(1, k, dtype=torch.bool, device=g.device)
     done = rr <= 0
     early = can_stop_early(g)
     for _ in range(MAX_OUTER):
         if early and all_done(done):
             break
-        y_new, _ = nnqp(a, (s * (lam - b)).unsqueeze(0), free)
+        y_new, inner_ok = nnqp(a, (s * (lam - b)).unsqueeze(0), y)
+        y_new = guard(y_new, inner_ok, "CAGrad's inner QP solver")
         psi = (y_new @ a * y_new).sum()
-        y = torch.where(done, y, y_new)
-        free = torch.where(done, free, y_new > 0)
+        free = y_new > 0
         below = psi < rr
         lo = torch.where(done | ~below, lo, lam)
         hi = torch.where(done | below, hi, lam)
-        done = done | ((psi - rr).abs() <= 1e-12 * rr)
         # The root of ψ on the current free set: ψ(λ) = λ² αᵀs − 2λ αᵀ(sb) + βᵀ(sb).
         ab = _masked_solve(a, torch.stack([s, sb]), free.expand(2, k))
         qa, qb, qc = (ab[0] * s).sum(), (ab[0] * sb).sum(), (ab[1] * sb).sum()
         disc = qb * qb - qa * (qc - rr)
         root = (qb + disc.clamp_min(0).sqrt()) / qa
         inside = (disc >= 0) & (qa > 0) & (root > lo) & (root < hi)
+        # Exact once ψ(λ) = r², or once λ is the root of the piece it lies on.
+        settled = (free == support).all() & ((root - lam).abs() <= 1e-13 * (lam.abs() + lo.abs() + 1.0))
+        finished = ~done & (((psi - rr).abs() <= 1e-12 * rr) | settled)
+        y = torch.where(done, y, y_new)
+        support = torch.where(done, support, free)
+        done = done | finished
         fallback = torch.where(torch.isfinite(hi), 0.5 * (lo + hi), lo + 2.0 * (lam - lo).clamp_min(1.0))
         lam = torch.where(done, lam, torch.where(inside, root, fallback))
-    u = s * y[0]
-    norm = (u @ gn @ u).clamp_min(0).sqrt()
-    scale = torch.where(norm > 0, r / torch.where(norm > 0, norm, 1.0), 0.0)
+    u = guard(s * y[0], done, "CAGrad's search for the multiplier λ")
+    norm_sq = (u @ gn @ u).clamp_min(0)
+    scale = torch.where(norm_sq <= 0, 0.0, r / norm_sq.clamp_min(torch.finfo(g.dtype).tiny).sqrt())
     return 1.0 / k + scale * u
 
 
@@ -77,7 +89,19 @@ def _(g, c):
 
 
 def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tensor:
+    k = g.shape[-1]
     w = cagrad_op(g, c)
+    # Degenerate case (Jᵀw* = 0): every d of the ball with min_i g_i·d = 0 is optimal. The nearest
+    # to g0 is g0 projected onto the dual cone; it is taken when it lies in the ball and beats the
+    # formula's d on the CAGrad objective min_i g_i·d.
+    mean = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
+    w_cone = project_dual_cone(g, mean.unsqueeze(0))[0]
+    offset = w_cone - mean
+    radius_sq = c * c * (mean @ g @ mean)
+    in_ball = offset @ g @ offset <= radius_sq * (1.0 + 1e-9)
+    unit = torch.diagonal(g).amax() * (mean @ g @ mean).clamp_min(0)
+    better = (g @ w_cone).amin() > (g @ w).amin() + 1e-12 * unit.sqrt()
+    w = torch.where(in_ball & better & (c > 0), w_cone, w)
     return w / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
 
 
