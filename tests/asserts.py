@@ -50,11 +50,12 @@ def assert_on_simplex(w: np.ndarray, tol: float = 1e-10) -> None:
 
 
 def assert_non_conflicting(j: np.ndarray, d: np.ndarray, rtol: float = 1e-7, w: np.ndarray | None = None) -> None:
-    """J d ≥ −tol: tol is rtol ‖g_i‖‖d‖ plus the rounding floor of d = Σ w_j g_j, which is
-    1e-11 Σ_j |w_j| ‖g_j‖ (and at least 1e-12 max_j ‖g_j‖)."""
+    """J d ≥ −tol: tol is rtol ‖g_i‖‖d‖ plus the accuracy floor of d = Σ w_j g_j, which is
+    1e-9 Σ_j |w_j| ‖g_j‖ (the solvers' 1e-10 regularisation over a few terms, and at least
+    1e-12 max_j ‖g_j‖)."""
     jd = j @ d
     norms = np.linalg.norm(j, axis=1)
-    floor = max(1e-12 * norms.max(), 0.0 if w is None else 1e-11 * (np.abs(w) * norms).sum())
+    floor = max(1e-12 * norms.max(), 0.0 if w is None else 1e-9 * (np.abs(w) * norms).sum())
     tol = norms * (rtol * np.linalg.norm(d) + floor) + 1e-300
     assert (jd >= -tol).all(), f"J d = {jd} conflicts (tol {tol})"
 

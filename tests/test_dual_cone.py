@@ -13,8 +13,9 @@ import gradagg
 
 
 def rounding_floor(jn: np.ndarray, w: np.ndarray) -> float:
-    """The size of rounding in Σ w_i g_i: where the exact answer is 0 only this much remains."""
-    return 1e-11 * (np.abs(w) * np.linalg.norm(jn, axis=1)).sum()
+    """The accuracy floor of Σ w_i g_i (regularisation 1e-10 and rounding): where the exact answer
+    is 0, only this much remains."""
+    return 1e-8 * (np.abs(w) * np.linalg.norm(jn, axis=1)).sum()
 
 
 def prefs(k: int, seed: int) -> np.ndarray:

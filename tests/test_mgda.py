@@ -38,7 +38,8 @@ def test_kkt_certificate(device, case):
     assert_on_simplex(w)
     value = w @ g @ w
     gap = frank_wolfe_gap(g, w)
-    assert gap <= 1e-9 * (value + (w**2 * np.diag(g)).sum()) + 1e-14 * np.diag(g).max()
+    # The gap is linear in the error of w, so its rounding floor is ~1e-12 max G_ii.
+    assert gap <= 1e-9 * (value + (w**2 * np.diag(g)).sum()) + 1e-12 * np.diag(g).max()
     assert_non_conflicting(npy(j), npy(j).T @ w, rtol=1e-6, w=w)
 
 
@@ -88,6 +89,6 @@ def test_hard_problem_terminates_within_budget(device):
     k = 64
     base = rng.standard_normal((k, 4))
     j = torch.tensor(base @ rng.standard_normal((4, 200)) + 1e-9 * rng.standard_normal((k, 200)), device=device)
-    a, s = scaled_gramian(torch.tensor(gram(j), device=device), 1e-13)
+    a, s, _ = scaled_gramian(torch.tensor(gram(j), device=device), 1e-10)
     y, converged = nnqp(a, s.unsqueeze(0), None, default_budget(k))
     assert bool(converged.all())

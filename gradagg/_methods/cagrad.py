@@ -28,7 +28,7 @@ from .dual_cone import project_dual_cone
 from ..solvers._loop import all_done, can_stop_early, guard
 from ..solvers.active_set import _masked_solve
 
-EPS = 1e-13
+EPS = 1e-10
 MAX_OUTER = 60
 
 
@@ -38,7 +38,7 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
     gn = g / torch.diagonal(g).amax().clamp_min(torch.finfo(g.dtype).tiny)
     b = gn.sum(1) / k
     r = c * b.sum().clamp_min(0).sqrt() / k**0.5  # c‖g0‖ with ‖g0‖² = 1ᵀG1/K²
-    a, s = scaled_gramian(gn, EPS)
+    a, s, _ = scaled_gramian(gn, EPS)
     sb = s * b
     rr = r * r
     lo, hi = b.amin(), torch.full_like(r, float("inf"))

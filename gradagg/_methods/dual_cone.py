@@ -7,8 +7,8 @@ projection Jᵀv. DualProj projects Jᵀp once; UPGrad projects every p_i g_i an
 w = Σ_i argmin_{v ≥ p_i e_i} vᵀ G v. The K problems of UPGrad are one batched solve. With the
 diagonal scaling S = diag(1/‖g_i‖), A = S G S + εI and v = S(z + S⁻¹u), each is the
 nonnegative QP min_{z ≥ 0} ½ zᵀ A z + (A S⁻¹u)ᵀ z, solved exactly by block principal pivoting.
-The εI term (ε = 1e-13) selects, among equivalent v, the one of least scaled norm; it changes the
-direction by a relative O(ε).
+The εI term (ε = 1e-10) makes the problem strictly convex, and two proximal-point steps
+(``refined_nnqp``) remove the bias it puts on the projection.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from .._registry import Context, Method, Option, as_vector, k_vector, register
 from ..solvers import nnqp_op, scaled_gramian
 from ..solvers.active_set import default_budget
 
-EPS = 1e-13
+EPS = 1e-10
+REFINE = 2
 
 
 def project_dual_cone(g: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     """For each row u of ``lower`` [B, K], returns argmin_{v ≥ u} vᵀ G v (rows of [B, K])."""
-    a, s = scaled_gramian(g, EPS)
+    a, s, reg = scaled_gramian(g, EPS)
     bound = lower / s  # bounds on y = S⁻¹ v
-    z, _ = nnqp_op(a, -(bound @ a), default_budget(g.shape[-1]))
+    # The bias of reg is removed by the proximal steps, whose centre is y = z + bound, not z.
+    z, _ = nnqp_op(a, -(bound @ a) + reg * bound, reg, default_budget(g.shape[-1]), REFINE)
     return (z + bound) * s
 
 

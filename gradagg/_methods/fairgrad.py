@@ -4,7 +4,7 @@
 
 This is the stationarity condition of the strictly convex  ½ wᵀGw − Σ φ(w_i)  with
 φ'(w) = w^(−1/α), solved by Newton's method (``solvers.barrier``) in the unit-diagonal scaling
-w = S u, A = S G S + εI, where it reads A u = s^(1−1/α) ⊙ u^(−1/α). The εI (ε = 1e-12) keeps a
+w = S u, A = S G S + εI, where it reads A u = s^(1−1/α) ⊙ u^(−1/α). The εI (ε = 1e-15, at the level of A's own rounding) keeps a
 solution in existence when a nonnegative combination of the gradients vanishes; weights then grow
 like ε^(−1/2) along that combination while d stays finite.
 """
@@ -17,12 +17,12 @@ from .._registry import Context, Method, Option, real_at_least, register
 from ..solvers import barrier_op, scaled_gramian
 from ..solvers.barrier import MAX_ITER
 
-EPS = 1e-12
+EPS = 1e-15
 
 
 def solve_power_equation(g: torch.Tensor, beta: float, u0: torch.Tensor | None = None) -> torch.Tensor:
     """w > 0 with (G + ε diag G) w = w^(−β); ``u0`` warm-starts in the scaled variable u = S⁻¹w."""
-    a, s = scaled_gramian(g, EPS)
+    a, s, _ = scaled_gramian(g, EPS)
     c = s ** (1.0 - beta)
     start = c ** (1.0 / (1.0 + beta)) if u0 is None else u0
     u, _ = barrier_op(a, c, start, beta, MAX_ITER)

@@ -105,20 +105,38 @@ def nnqp(
     return solution, done
 
 
-@torch.library.custom_op("gradagg::nnqp", mutates_args=())
-def nnqp_op(a: torch.Tensor, q: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
+def refined_nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nnqp`` for A = Â + diag(reg), followed by ``refine`` proximal-point steps.
+
+    Each step solves min ½yᵀÂy − qᵀy + ½‖y − y_k‖²_reg, which is the same NNQP with q + reg ⊙ y_k,
+    warm-started at y_k: the bias of the regularisation shrinks by a factor reg/(λ + reg) along
+    every eigendirection λ of Â per step, so the answer is that of the unregularised problem up
+    to rounding wherever that one is well defined.
+    """
     y, converged = nnqp(a, q, None, max_iter)
+    for _ in range(refine):
+        y, again = nnqp(a, q + reg * y, y, max_iter)
+        converged = converged & again
+    return y, converged
+
+
+@torch.library.custom_op("gradagg::nnqp", mutates_args=())
+def nnqp_op(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``refined_nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
+    y, converged = refined_nnqp(a, q, reg, max_iter, refine)
     return guard(y, converged, "the nonnegative QP solver"), converged
 
 
 @nnqp_op.register_fake
-def _(a: torch.Tensor, q: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(a, q, reg, max_iter, refine):
     return torch.empty_like(q), q.new_empty(q.shape[:1], dtype=torch.bool)
 
 
-def scaled_gramian(g: torch.Tensor, eps: float, zero_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (A, s) with A = S G S + diag(eps) and S = diag(s), s_i = 1 / sqrt(G_ii) (1 for zero rows).
+def scaled_gramian(g: torch.Tensor, eps: float, zero_eps: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (A, s, reg) with A = S G S + diag(reg), S = diag(s), s_i = 1/sqrt(G_ii) (1 for zero rows).
 
     A has unit diagonal (plus eps), so tasks whose gradients differ by many orders of magnitude are
     solved with the same relative accuracy, and the eps regularisation makes A positive definite.
@@ -129,4 +147,4 @@ def scaled_gramian(g: torch.Tensor, eps: float, zero_eps: float | None = None) -
     s = torch.where(pos, torch.rsqrt(torch.where(pos, diag, 1.0)), 1.0)
     a = g * s.unsqueeze(-1) * s.unsqueeze(-2)
     reg = torch.full_like(diag, eps).masked_fill(~pos, eps if zero_eps is None else zero_eps)
-    return a + torch.diag(reg), s
+    return a + torch.diag(reg), s, reg

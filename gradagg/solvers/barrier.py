@@ -21,8 +21,8 @@ from ._loop import all_done, can_stop_early, guard
 MAX_ITER = 80
 #: Trial step lengths of the line search.
 _STEPS = 2.0 ** -torch.arange(0, 31, dtype=torch.float64)
-#: The relative residual max_i |u_i (A u)_i / (c_i u_i^(1−β)) − 1| at which a problem has converged.
-RESIDUAL_TOL = 1e-13
+#: The backward error (see ``residual``) at which a problem has converged.
+RESIDUAL_TOL = 1e-14
 #: The residual below which the answer is reported as converged.
 CONVERGED_TOL = 1e-9
 
@@ -39,8 +39,13 @@ def _objective(a: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: float) -
 
 
 def residual(a: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: float) -> torch.Tensor:
-    """max_i |u_i (A u)_i / (c_i u_i^(1−β)) − 1|: zero exactly at the root."""
-    return ((u * (u @ a)) / (c * u ** (1.0 - beta)) - 1.0).abs().amax(-1)
+    """The componentwise backward error max_i |(Au)_i − c_i u_i^(−β)| / ((|A| u)_i + c_i u_i^(−β)).
+
+    It is zero exactly at the root and, unlike the plain relative residual, it stays meaningful
+    where (Au)_i is a cancellation of much larger terms (gradients of very different norms).
+    """
+    rhs = c * u ** (-beta)
+    return ((u @ a - rhs).abs() / (u @ a.abs() + rhs)).amax(-1)
 
 
 def solve_barrier(
@@ -65,9 +70,17 @@ def solve_barrier(
         accept = positive & (h_trial <= h_now.unsqueeze(-1) + 1e-4 * steps * slope.unsqueeze(-1))
         first = accept.to(torch.int64).argmax(-1)
         chosen = trial.gather(-2, first.view(*first.shape, 1, 1).expand(*first.shape, 1, u.shape[-1]))
-        # No acceptable step along a descent direction means rounding noise: u is as good as it gets.
-        stalled = ~accept.any(-1)
-        u = torch.where((~done & ~stalled).unsqueeze(-1), chosen.squeeze(-2), u)
+        # Near the root, h changes by less than its rounding and Armijo's test can no longer tell:
+        # the full Newton step is taken whenever it halves the residual (the quadratic phase), or
+        # when no step passes Armijo's test but it still reduces the residual.
+        full = trial[..., 0, :]
+        res_now = residual(a, c, u, beta)
+        res_full = residual(a, c, full.clamp_min(torch.finfo(u.dtype).tiny), beta)
+        polish = positive[..., 0] & ((res_full <= 0.5 * res_now) | (~accept.any(-1) & (res_full < res_now)))
+        chosen = torch.where(polish.unsqueeze(-1), full, chosen.squeeze(-2))
+        # Neither means rounding noise: u is as good as it gets.
+        stalled = ~accept.any(-1) & ~polish
+        u = torch.where((~done & ~stalled).unsqueeze(-1), chosen, u)
         done = done | stalled | (residual(a, c, u, beta) <= RESIDUAL_TOL)
     return u, residual(a, c, u, beta) <= CONVERGED_TOL
 
