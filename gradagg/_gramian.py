@@ -2,7 +2,7 @@
 
 The fast path multiplies each leaf as it comes, accumulating in float32 (float64 for float64
 leaves). Squares of entries above ~1e19 overflow float32 and squares below ~1e-19 lose precision as
-subnormals; when the diagonal shows either (a non-finite or tiny positive G_ii), the Gramian is formed
+subnormals; when the diagonal shows either (a non-finite, tiny or zero G_ii), the Gramian is formed
 again from the leaves divided by a power of two near their largest magnitude, which is exact, and the
 scale is put back in float64. The result is always float64: it holds the squares of any float32
 Jacobian, and every K x K method works in float64.
@@ -36,20 +36,25 @@ def _fast(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 def _rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     peak = torch.stack([leaf.detach().abs().amax().to(torch.float64) for leaf in leaves]).amax()
-    exponent = torch.frexp(peak.clamp_min(torch.finfo(torch.float64).tiny))[1].to(torch.float64)
-    unit = torch.exp2(-exponent)
+    exponent = torch.where(peak > 0, torch.frexp(peak)[1], 0).to(torch.float64)
+    # 2^-e may not be representable in float32 (e down to -149), its two halves are.
+    half = torch.exp2(-torch.floor(exponent / 2)).to(dtype)
+    rest = torch.exp2(-exponent + torch.floor(exponent / 2)).to(dtype)
     g = None
     for leaf in leaves:
-        rows = _as_rows(leaf, dtype) * unit.to(dtype)
+        rows = _as_rows(leaf, dtype) * half * rest
         g = rows @ rows.T if g is None else g.addmm_(rows, rows.T)
     return g.to(torch.float64) * torch.exp2(2.0 * exponent)
 
 
 def needs_rescale(g: torch.Tensor) -> torch.Tensor:
-    """Whether the fast Gramian overflowed or may have underflowed (a 0-dim bool tensor)."""
+    """Whether the fast Gramian overflowed or may have underflowed (a 0-dim bool tensor).
+
+    A zero G_ii is suspect too: a row of entries below ~1e-23 squares to exact zeros in float32.
+    (A truly zero gradient then costs one extra pass; the rescaled Gramian keeps it zero.)
+    """
     diag = torch.diagonal(g)
-    tiny = (diag > 0) & (diag < _TINY[g.dtype])
-    return ~torch.isfinite(diag).all() | tiny.any()
+    return ~torch.isfinite(diag).all() | (diag < _TINY[g.dtype]).any()
 
 
 def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:

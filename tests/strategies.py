@@ -41,6 +41,16 @@ class Case:
             j = (q[:d, :k].T if d >= k else rng.standard_normal((k, d))) * rng.uniform(0.1, 10, size=(k, 1))
         return j * self.scale
 
+    def full_rank(self) -> np.ndarray:
+        """The Jacobian, widened where D < K by random columns (scaled like each row) so that G
+        is invertible and no better conditioned than the rows themselves."""
+        jn = self.numpy()
+        if self.d < self.k:
+            norms = np.linalg.norm(jn, axis=1, keepdims=True)
+            extra = np.random.default_rng(self.seed).standard_normal((self.k, self.k))
+            jn = np.concatenate([jn, extra * np.where(norms > 0, norms, self.scale)], 1)
+        return jn
+
     def tensor(self, device: str = "cpu", dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.tensor(self.numpy(), dtype=dtype, device=device)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, Option, as_vector, choice, k_vector, register
-from ..solvers.spectral import RTOL
+from ..solvers.spectral import RTOL, finite_eigh
 
 
 def _sigma(lam: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _sigma(lam: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
 
 def _aligned_mtl(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None, scale_mode: str) -> torch.Tensor:
     gn = g / torch.diagonal(g).amax().clamp_min(torch.finfo(g.dtype).tiny)
-    lam, vec = torch.linalg.eigh(gn)
+    lam, vec = finite_eigh(gn)
     keep = lam > RTOL * lam.amax().clamp_min(0)
     safe = torch.where(keep, lam, 1.0)
     sigma = torch.where(keep.any(), _sigma(safe, keep, scale_mode), 0.0).sqrt()

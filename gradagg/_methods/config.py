@@ -5,8 +5,9 @@ physics-informed neural networks".
     d̂ = x/‖x‖,   d = (Σ_i g_i·d̂) d̂.
 
 All from G: x = Uᵀa with a = A⁺1 and A = U Uᵀ = S G S, so x = Jᵀ S a and
-w = (1ᵀ G S a / aᵀ A a) S a. Zero gradients have no direction and are left out; a zero Jacobian
-gives w = 0.
+w = (1ᵀ G S a / aᵀ A a) S a. Zero gradients have no direction and are left out. Where 1 is orthogonal to the range of U Uᵀ
+(two opposite gradients, a zero Jacobian) no direction has a positive cosine with every task
+and w = 0.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import torch
 from .._registry import Context, Method, register
 from ..solvers.spectral import pinv_solve, unit_scaling
 
+NOISE = 1e-8
+
 
 def _config(g: torch.Tensor, ctx: Context) -> torch.Tensor:
     a, s = unit_scaling(g)
-    v = s * pinv_solve(a, (s > 0).to(g.dtype))
+    coef = pinv_solve(a, (s > 0).to(g.dtype))
+    v = s * coef
     norm_sq = v @ g @ v
-    ok = norm_sq > 0
+    # A⁺1 has entries of order 1/K at least unless 1 ⊥ range(A): then no x has u_i·x = 1
+    # (e.g. two opposite gradients), and only rounding noise is left.
+    ok = (norm_sq > 0) & (coef.abs().amax() > NOISE)
     return torch.where(ok, (g.sum(0) @ v) / torch.where(ok, norm_sq, 1.0), 0.0) * v
 
 

@@ -43,7 +43,13 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
 
 def _trimmed_mean(rows: list[torch.Tensor], ctx: Context, trim: int) -> list[torch.Tensor]:
     k = rows[0].shape[0]
-    return [r.sort(0).values[trim : k - trim].mean(0) for r in rows]
+    out = []
+    for r in rows:
+        ordered = r.sort(0).values
+        # Sorting moves NaN and ±Inf to the ends, where trimming would hide them: they are put
+        # back (0·NaN = 0·Inf = NaN) so that non-finite input never gives a finite coordinate.
+        out.append(ordered[trim : k - trim].mean(0) + 0.0 * (ordered[0] + ordered[-1]))
+    return out
 
 
 register(Method(

@@ -6,7 +6,8 @@ multi-task learning".
 so that d = Jᵀw has equal projections d·u_i on every unit task gradient u_i = g_i/‖g_i‖.
 The pseudo-inverse is taken in the unit-diagonal scaling (w = S A⁺ S √diag G with A = SGS), which
 equals G⁺√diag G whenever G is invertible and keeps tasks of very different scales accurate; zero
-gradients get weight 0. Where Σ(G⁺√diag G) vanishes there is no normalised solution and w = 0.
+gradients get weight 0. Where Σ(G⁺√diag G) vanishes, or √diag G is orthogonal to the range of G (two opposite
+gradients), there is no normalised solution and w = 0.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from ..solvers.spectral import pinv_solve, unit_scaling
 
 def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
     a, s = unit_scaling(g)
-    v = s * pinv_solve(a, (s > 0).to(g.dtype))
+    coef = pinv_solve(a, (s > 0).to(g.dtype))
+    v = s * coef
     total = v.sum()
-    ok = total.abs() > 1e-12 * v.abs().sum()
+    # As for ConFIG: A⁺1 below 1e-8 is rounding noise (1 ⊥ range(A)), not a direction.
+    ok = (total.abs() > 1e-12 * v.abs().sum()) & (coef.abs().amax() > 1e-8)
     return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0)
 
 

@@ -16,9 +16,15 @@ def unit_scaling(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g * s.unsqueeze(-1) * s.unsqueeze(-2), s
 
 
+def finite_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of A with non-finite entries zeroed, so that unchecked NaN input cannot make LAPACK
+    raise; the callers' results are turned into NaN from G itself (see ``_api._weights``)."""
+    return torch.linalg.eigh(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
+
+
 def pinv_solve(a: torch.Tensor, rhs: torch.Tensor, rtol: float = RTOL) -> torch.Tensor:
     """A⁺ rhs for symmetric PSD A, with eigenvalues below rtol · λ_max dropped."""
-    lam, vec = torch.linalg.eigh(a)
+    lam, vec = finite_eigh(a)
     keep = lam > rtol * lam.amax().clamp_min(0)
     inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
     return vec @ (inv * (vec.mT @ rhs))
