@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from asserts import ALL, DEVICES, RANDOM, WEIGHTINGS, npy, options_for
 
 import gradagg
 from gradagg.solvers._loop import SolverError
+
+from asserts import ALL, DEVICES, RANDOM, WEIGHTINGS, options_for
 
 
 def jac(k=3, d=5, device="cpu", dtype=torch.float64, seed=0):
@@ -201,7 +202,7 @@ def test_bad_jacobians(bad, exc, pattern):
 def test_bad_call_arguments():
     with pytest.raises(ValueError, match="normalize must be None or 'sum'"):
         gradagg.aggregate(jac(), "mgda", normalize="l2")
-    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
         gradagg.aggregate(jac(), "random", generator=0)
     with pytest.raises(ValueError, match="stateless and takes no state"):
         gradagg.aggregate(jac(), "mgda", state=object())

@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from asserts import DEVICES, assert_non_conflicting, gram, npy
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import cagrad_inner
-from strategies import cases
 
 import gradagg
+
+from asserts import DEVICES, assert_non_conflicting, gram, npy
+from oracles import cagrad_inner
+from strategies import cases
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from asserts import DEVICES, assert_close_direction, assert_non_conflicting, gram, npy
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import dual_cone_projection
-from strategies import cases, large_k_cases
 
 import gradagg
+
+from asserts import DEVICES, assert_close_direction, assert_non_conflicting, gram, npy
+from oracles import dual_cone_projection
+from strategies import cases, large_k_cases
 
 
 def rounding_floor(jn: np.ndarray, w: np.ndarray) -> float:

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from asserts import DEVICES, npy
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gradagg
+
+from asserts import DEVICES, npy
 
 
 @pytest.mark.parametrize("device", DEVICES)

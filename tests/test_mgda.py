@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from asserts import DEVICES, assert_non_conflicting, assert_on_simplex, gram, npy
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import frank_wolfe_gap, mgda_enumerate
-from strategies import cases, large_k_cases
 
 import gradagg
+
+from asserts import DEVICES, assert_non_conflicting, assert_on_simplex, gram, npy
+from oracles import frank_wolfe_gap, mgda_enumerate
+from strategies import cases, large_k_cases
 
 
 def suboptimality_bound(g: np.ndarray, w_ref: np.ndarray) -> float:
@@ -90,5 +91,5 @@ def test_hard_problem_terminates_within_budget(device):
     base = rng.standard_normal((k, 4))
     j = torch.tensor(base @ rng.standard_normal((4, 200)) + 1e-9 * rng.standard_normal((k, 200)), device=device)
     a, s, _ = scaled_gramian(torch.tensor(gram(j), device=device), 1e-10)
-    y, converged = nnqp(a, s.unsqueeze(0), None, default_budget(k))
+    _, converged = nnqp(a, s.unsqueeze(0), None, default_budget(k))
     assert bool(converged.all())

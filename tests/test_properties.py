@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from asserts import ALL, DETERMINISTIC_WEIGHTINGS, DEVICES, RANDOM, STATELESS, assert_close_direction, npy, \
-    options_for
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import cases
 
 import gradagg
+
+from asserts import ALL, DETERMINISTIC_WEIGHTINGS, DEVICES, RANDOM, STATELESS, assert_close_direction, npy, options_for
+from strategies import cases
+
 
 def run(method, j, k=None, **extra):
     opts = options_for(method, j.shape[0] if k is None else k)

@@ -5,13 +5,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from asserts import DEVICES, assert_close_direction, gram, npy
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.optimize import fsolve
-from strategies import cases
 
 import gradagg
+
+from asserts import DEVICES, assert_close_direction, npy
+from strategies import cases
 
 
 def tensor(a, device):

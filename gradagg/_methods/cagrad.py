@@ -24,9 +24,9 @@ import torch
 
 from .._registry import Context, Method, Option, choice, real_at_least, register
 from ..solvers import nnqp, scaled_gramian
-from .dual_cone import project_dual_cone
 from ..solvers._loop import all_done, can_stop_early, guard
 from ..solvers.active_set import _masked_solve
+from .dual_cone import project_dual_cone
 
 EPS = 1e-10
 MAX_OUTER = 60

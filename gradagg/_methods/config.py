@@ -5,8 +5,9 @@ physics-informed neural networks".
     d̂ = x/‖x‖,   d = (Σ_i g_i·d̂) d̂.
 
 All from G: x = Uᵀa with a = A⁺1 and A = U Uᵀ = S G S, so x = Jᵀ S a and
-w = (1ᵀ G S a / aᵀ A a) S a. Zero gradients have no direction and are left out. Where 1 is orthogonal to the range of U Uᵀ
-(two opposite gradients, a zero Jacobian) no direction has a positive cosine with every task
+w = (1ᵀ G S a / aᵀ A a) S a. Zero gradients have no direction and are left out. Where 1 is
+orthogonal to the range of U Uᵀ (two opposite gradients, a zero Jacobian) no direction has a
+positive cosine with every task
 and w = 0.
 """
 

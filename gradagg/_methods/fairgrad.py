@@ -4,9 +4,9 @@
 
 This is the stationarity condition of the strictly convex  ½ wᵀGw − Σ φ(w_i)  with
 φ'(w) = w^(−1/α), solved by Newton's method (``solvers.barrier``) in the unit-diagonal scaling
-w = S u, A = S G S + εI, where it reads A u = s^(1−1/α) ⊙ u^(−1/α). The εI (ε = 1e-15, at the level of A's own rounding) keeps a
-solution in existence when a nonnegative combination of the gradients vanishes; weights then grow
-like ε^(−1/2) along that combination while d stays finite.
+w = S u, A = S G S + εI, where it reads A u = s^(1−1/α) ⊙ u^(−1/α). The εI (ε = 1e-15, at the
+level of A's own rounding) keeps a solution in existence when a nonnegative combination of the
+gradients vanishes; weights then grow like ε^(−1/2) along that combination while d stays finite.
 """
 
 from __future__ import annotations

@@ -1,0 +1,33 @@
+# Every target builds its own virtual environment in .venv. TORCH pins the CPU wheel used in
+# development and CI; the package itself only asks for torch>=2.4.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(subst =,-,$(TORCH))
+
+.PHONY: install test fuzz lint demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check gradagg tests
+
+test: install lint
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python -m gradagg demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info
