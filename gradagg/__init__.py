@@ -8,7 +8,17 @@ without the leading K.
 
 from ._api import NonFiniteError, aggregate, gramian, methods, weights, weights_from_gramian
 from ._registry import MethodInfo
+from .solvers._loop import SolverError
 
 __version__ = "0.1.0"
 
-__all__ = ["MethodInfo", "NonFiniteError", "aggregate", "gramian", "methods", "weights", "weights_from_gramian"]
+__all__ = [
+    "MethodInfo",
+    "NonFiniteError",
+    "SolverError",
+    "aggregate",
+    "gramian",
+    "methods",
+    "weights",
+    "weights_from_gramian",
+]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradagg
-from gradagg.solvers._loop import SolverError
+from gradagg import SolverError
 
 from asserts import ALL, DEVICES, RANDOM, WEIGHTINGS, options_for
 
