@@ -6,18 +6,26 @@
 without the leading K.
 """
 
-from ._api import NonFiniteError, aggregate, gramian, methods, weights, weights_from_gramian
+from ._api import NonFiniteError, aggregate, gramian, init, methods, weights, weights_from_gramian
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
+from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradNormLossState",
+    "GradNormState",
+    "GradVacState",
     "MethodInfo",
+    "NSGDState",
+    "NashMTLState",
     "NonFiniteError",
     "SolverError",
+    "State",
     "aggregate",
     "gramian",
+    "init",
     "methods",
     "weights",
     "weights_from_gramian",

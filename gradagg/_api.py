@@ -8,6 +8,7 @@ detached weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils import _pytree as pytree
 from . import _methods  # noqa: F401  (registers every method)
 from ._gramian import accumulation_dtype, gramian_op
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
+from .state import State
 
 Normalize = Literal["sum"] | None
 
@@ -53,19 +55,131 @@ def _flatten(jac: Any) -> tuple[list[torch.Tensor], Any, int]:
     return leaves, spec, k
 
 
-def _check_call(method: Method, k: int, device: torch.device, normalize: Any, generator: Any,
-                state: Any, options: dict[str, Any]) -> dict[str, Any]:
+Normalizer = Literal["l2", "loss", "loss+", "none"] | None
+_NORMALIZERS = (None, "none", "l2", "loss", "loss+")
+
+
+@dataclass
+class _Step:
+    """One element of a plan: a method, its resolved options and its state (if stateful)."""
+
+    method: Method
+    options: dict[str, Any]
+    state: Any = None
+
+
+@dataclass
+class _Plan:
+    """What a call computes: per-task transforms (``steps``), then either the sum of the rows or an
+    element-wise method (``tail``), with the optional gradient normaliser in front."""
+
+    steps: list[_Step]
+    tail: _Step | None
+    normalizer: str | None
+    losses: torch.Tensor | None
+    generator: torch.Generator | None
+
+    @property
+    def uses_gramian(self) -> bool:
+        return self.normalizer is not None or any(step.method.uses_gramian for step in self.steps)
+
+    @property
+    def simple(self) -> bool:
+        return len(self.steps) == 1 and self.tail is None and self.normalizer is None
+
+
+def _elements(method: Any, options: dict[str, Any]) -> list[tuple[Method, dict[str, Any]]]:
+    if isinstance(method, str):
+        return [(lookup(method), options)]
+    if isinstance(method, (list, tuple)):
+        if not method:
+            raise ValueError("method is an empty sequence; give at least one method (\"sum\" for the plain sum)")
+        if options:
+            raise ValueError(f"options {sorted(options)} are ambiguous for a chain of methods; give them per element, "
+                             f"as in method=[(\"gradvac\", {{\"decay\": 0.02}}), \"nsgd\"]")
+        out = []
+        for item in method:
+            if isinstance(item, str):
+                out.append((lookup(item), {}))
+            elif (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+                  and isinstance(item[1], dict)):
+                out.append((lookup(item[0]), dict(item[1])))
+            else:
+                raise TypeError(f"a chain's elements are method names or (name, options) pairs; got {item!r}")
+        return out
+    return [(lookup(method), options)]  # raises the TypeError for a non-string
+
+
+def _check_losses(losses: Any, k: int, needed: str | None) -> torch.Tensor | None:
+    if losses is None:
+        if needed:
+            raise ValueError(f"{needed} needs the task losses: pass losses=, a Tensor [K={k}]")
+        return None
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"losses must be a Tensor [K={k}], got {type(losses).__name__}")
+    if losses.shape != (k,):
+        raise ValueError(f"losses must have shape [K] = [{k}], got {tuple(losses.shape)}")
+    if losses.is_complex() or not losses.is_floating_point():
+        raise TypeError(f"losses must be real floating point, got dtype {losses.dtype}")
+    if not torch.compiler.is_compiling() and losses.device.type == "cpu":
+        if not bool(torch.isfinite(losses).all()) or not bool((losses > 0).all()):
+            raise ValueError(f"losses must be finite and positive (they divide), got {losses.detach()}")
+    return losses.detach()
+
+
+def _bind_states(steps: list[_Step], state: Any, k: int, device: torch.device) -> None:
+    stateful = [step for step in steps if step.method.stateful]
+    names = [step.method.name for step in stateful]
+    if not stateful:
+        if state is not None:
+            raise ValueError(f"method {steps[0].method.name if len(steps) == 1 else 'chain'!r} is stateless and takes "
+                             f"no state; got {type(state).__name__}")
+        return
+    if state is None:
+        raise ValueError(f"{', '.join(map(repr, names))} {'is' if len(names) == 1 else 'are'} stateful: create the "
+                         f"state with gradagg.init(...) and pass it as state= (see gradagg.init)")
+    states = list(state) if isinstance(state, (list, tuple)) else [state]
+    if len(states) != len(stateful):
+        raise ValueError(f"the chain has {len(stateful)} stateful methods ({', '.join(names)}), so state= must be a "
+                         f"sequence of {len(stateful)} states in that order; got {len(states)}")
+    for step, st in zip(stateful, states):
+        if not isinstance(st, State):
+            raise TypeError(f"state for {step.method.name!r} must be a gradagg state object, got {type(st).__name__}")
+        st.check(step.method.name, k, device)
+        step.state = st
+
+
+def _make_plan(method: Any, k: int, device: torch.device, normalize: Any, generator: Any, state: Any,
+               losses: Any, grad_normalizer: Any, options: dict[str, Any]) -> _Plan:
+    elements = _elements(method, options)
     if normalize not in (None, "sum"):
         raise ValueError(f"normalize must be None or 'sum', got {normalize!r}")
+    if grad_normalizer not in _NORMALIZERS:
+        raise ValueError(f"grad_normalizer must be one of 'l2', 'loss', 'loss+', 'none' or None; "
+                         f"got {grad_normalizer!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but jac is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
-    if state is not None and not method.stateful:
-        raise ValueError(f"method {method.name!r} is stateless and takes no state; got {type(state).__name__}")
-    return resolve_options(method, options, k)
+    steps = [_Step(m, resolve_options(m, opts, k)) for m, opts in elements]
+    tail = None
+    for i, step in enumerate(steps):
+        if not step.method.is_weighting:
+            if i != len(steps) - 1:
+                raise ValueError(f"{step.method.name!r} acts coordinate by coordinate, so it can only be the last "
+                                 f"method of a chain")
+            tail = steps.pop()
+    norm = None if grad_normalizer in (None, "none") else grad_normalizer
+    if norm is not None and not steps:
+        raise ValueError(f"grad_normalizer applies to weighting methods, not to {tail.method.name!r} alone")
+    needs = next((f"method {s.method.name!r}" for s in steps if s.method.uses_losses), None)
+    if norm in ("loss", "loss+"):
+        needs = needs or f"grad_normalizer={norm!r}"
+    plan = _Plan(steps, tail, norm, _check_losses(losses, k, needs), generator)
+    _bind_states(steps, state, k, device)
+    return plan
 
 
 def _rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,9 +202,43 @@ def _eager_checks(check_finite: bool) -> bool:
 # --- weights -------------------------------------------------------------------------------------
 
 
-def _weights_from_g(method: Method, g: torch.Tensor, ctx: Context, opts: dict[str, Any],
-                    normalize: Normalize) -> torch.Tensor:
-    w = method.weighting(g, ctx, **opts)
+def _normalizer_scale(g: torch.Tensor, kind: str, losses: torch.Tensor | None) -> torch.Tensor:
+    """The divisors c_i of the gradient normaliser (zero norms and losses divide by 1)."""
+    norms = torch.diagonal(g).clamp_min(0).sqrt()
+    if kind == "l2":
+        c = norms
+    else:
+        c = losses.to(device=g.device, dtype=g.dtype)
+        if kind == "loss+":
+            c = c * norms
+    return torch.where(c > 0, c, 1.0)
+
+
+def _coefficients(plan: _Plan, g: torch.Tensor) -> torch.Tensor:
+    """C (K x K) with the transformed rows J' = C J; the weights are 1ᵀC."""
+    k = g.shape[-1]
+    c = torch.eye(k, dtype=g.dtype, device=g.device)
+    if plan.normalizer is not None:
+        c = torch.diag(1.0 / _normalizer_scale(g, plan.normalizer, plan.losses))
+        g = c @ g @ c
+    for step in plan.steps:
+        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses)
+        if step.method.transform is not None:
+            t = step.method.transform(g, ctx, **step.options)
+        else:
+            t = torch.diag(step.method.weighting(g, ctx, **step.options))
+        c = t @ c
+        g = t @ g @ t.T
+    return c
+
+
+def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+    if plan.simple:
+        step = plan.steps[0]
+        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses)
+        w = step.method.weighting(g, ctx, **step.options)
+    else:
+        w = _coefficients(plan, g).sum(0)
     if normalize == "sum":
         target = g.sum().clamp_min(0).sqrt()
         norm = (w @ g @ w).clamp_min(0).sqrt()
@@ -104,40 +252,49 @@ def _gramian(leaves: list[torch.Tensor], check_finite: bool) -> torch.Tensor:
     return gramian_op(detached, rescue)
 
 
-def _weights(leaves: list[torch.Tensor], method: Method, ctx: Context, opts: dict[str, Any],
-             normalize: Normalize, check_finite: bool) -> tuple[torch.Tensor, bool]:
-    """(w in float64, whether G was formed)."""
+def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool) -> torch.Tensor:
+    g = _gramian(leaves, check_finite)
+    if _eager_checks(check_finite) and not bool(torch.isfinite(torch.diagonal(g)).all()):
+        _raise_non_finite(leaves)
+    return g
+
+
+def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: bool,
+             force_gramian: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(w in float64, G if it was formed)."""
     k, device = leaves[0].shape[0], leaves[0].device
-    formed = method.uses_gramian or normalize is not None
-    if formed:
-        g = _gramian(leaves, check_finite)
-        if _eager_checks(check_finite) and not bool(torch.isfinite(torch.diagonal(g)).all()):
-            _raise_non_finite(leaves)
-    else:
-        g = torch.zeros(k, k, dtype=torch.float64, device=device)
-    w = _weights_from_g(method, g, ctx, opts, normalize)
+    formed = plan.uses_gramian or normalize is not None or force_gramian
+    g = _checked_gramian(leaves, check_finite) if formed else torch.zeros(k, k, dtype=torch.float64, device=device)
+    w = _weights_from_g(plan, g, normalize)
     if formed:
         # Non-finite input must never give a finite answer, whatever a solver did with it.
         w = w + 0.0 * torch.diagonal(g).sum()
-    return w, formed
+    return w, g if formed else None
 
 
 # --- public API ----------------------------------------------------------------------------------
 
 
-def aggregate(jac: Any, method: str = "upgrad", *, normalize: Normalize = None,
-              generator: torch.Generator | None = None, state: Any = None, check_finite: bool = True,
-              **options: Any) -> Any:
+def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
+              generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
+              grad_normalizer: Normalizer = None, check_finite: bool = True, **options: Any) -> Any:
     """Combines K task gradients into one: ``d = Σ_i w_i g_i`` for a weighting method.
 
     Args:
         jac: the per-task Jacobian, a Tensor [K, ...] or a pytree (dict, list, tuple, nested) of
             tensors sharing the leading K, as ``torch.func.vmap(torch.func.grad(f))`` returns it.
-        method: a name from ``gradagg.methods()`` (aliases accepted).
+        method: a name from ``gradagg.methods()`` (aliases accepted), or a chain of per-task
+            transforms applied in order and then summed: a sequence of names or (name, options)
+            pairs, such as ``("pcgrad", "nsgd")``. graddrop or trimmed_mean may end a chain.
         normalize: None keeps the method's scale; "sum" rescales d to ‖Σ_i g_i‖, as the old
             hook-based module did.
         generator: a ``torch.Generator`` on jac's device for the random methods (ignored by the others).
-        state: the state object of a stateful method.
+        state: the state of a stateful method, from ``gradagg.init``; for a chain with several
+            stateful methods, a sequence of their states in chain order. Advanced in place.
+        losses: the task losses, a Tensor [K], for ``gradnorm_loss`` and the loss normalisers.
+        grad_normalizer: divide each task gradient first by its norm ("l2"), its loss ("loss"),
+            both ("loss+") or nothing ("none", None), as the MGDA-UB code did. Weighting methods
+            and chains only; the returned weights include the division.
         check_finite: in eager mode, raise ``NonFiniteError`` naming the tasks whose gradients hold
             NaN or Inf (one flag is read per call). Off, or under ``torch.compile``, non-finite input
             gives NaN output, never a finite number.
@@ -148,16 +305,14 @@ def aggregate(jac: Any, method: str = "upgrad", *, normalize: Normalize = None,
         dtype (float16/bfloat16 are computed in float32). Differentiable in jac with the weights
         held constant.
     """
-    spec = lookup(method)
     leaves, tree, k = _flatten(jac)
+    plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
-    opts = _check_call(spec, k, leaves[0].device, normalize, generator, state, options)
-    ctx = Context(generator=generator, state=state)
-    if spec.is_weighting:
-        w, formed = _weights(leaves, spec, ctx, opts, normalize, check_finite)
+    if plan.tail is None:
+        w, g = _weights(leaves, plan, normalize, check_finite)
         wd = w.to(dtype)
         out = [(wd @ _rows(leaf, dtype)).to(leaf.dtype).reshape(leaf.shape[1:]) for leaf in leaves]
-        if not formed and _eager_checks(check_finite):
+        if g is None and _eager_checks(check_finite):
             # wᵀJ turns any NaN or Inf of J into a non-finite entry; a sum reads it in one pass.
             if not bool(torch.isfinite(torch.stack([o.detach().float().sum() for o in out]).sum())):
                 _raise_non_finite(leaves)
@@ -166,9 +321,14 @@ def aggregate(jac: Any, method: str = "upgrad", *, normalize: Normalize = None,
         if not bool(torch.stack([torch.isfinite(leaf.detach()).all() for leaf in leaves]).all()):
             _raise_non_finite(leaves)
     rows = [_rows(leaf, dtype) for leaf in leaves]
-    combined = spec.combine(rows, ctx, **opts)
+    if plan.steps or plan.normalizer is not None:
+        c = _coefficients(plan, _gramian(leaves, check_finite)).to(dtype)
+        rows = [c @ r for r in rows]
+    ctx = Context(generator=plan.generator, losses=plan.losses)
+    combined = plan.tail.method.combine(rows, ctx, **plan.tail.options)
     if normalize == "sum":
-        target = torch.stack([r.sum(0).square().sum() for r in rows]).sum().sqrt()
+        original = [_rows(leaf, dtype) for leaf in leaves]
+        target = torch.stack([r.sum(0).square().sum() for r in original]).sum().sqrt()
         norm = torch.stack([c.square().sum() for c in combined]).sum().sqrt()
         scale = torch.where(norm > 0, target / torch.where(norm > 0, norm, 1.0), 0.0)
         combined = [c * scale for c in combined]
@@ -176,33 +336,32 @@ def aggregate(jac: Any, method: str = "upgrad", *, normalize: Normalize = None,
     return pytree.tree_unflatten(out, tree)
 
 
-def weights(jac: Any, method: str = "upgrad", *, normalize: Normalize = None,
-            generator: torch.Generator | None = None, state: Any = None, check_finite: bool = True,
-            **options: Any) -> torch.Tensor:
-    """The weights w [K] such that ``aggregate`` returns Σ_i w_i g_i (weighting methods only).
+def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
+            generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
+            grad_normalizer: Normalizer = None, check_finite: bool = True, **options: Any) -> torch.Tensor:
+    """The weights w [K] such that ``aggregate`` returns Σ_i w_i g_i (weighting methods and chains).
 
-    Takes the same arguments as ``aggregate``. Returns a detached float64 tensor on jac's device.
-    graddrop and trimmed_mean act per coordinate and have no such weights; they raise ValueError.
+    Takes the same arguments as ``aggregate`` and advances a state the same way. Returns a
+    detached float64 tensor on jac's device. graddrop and trimmed_mean act per coordinate and have
+    no such weights; they raise ValueError.
     """
-    spec = lookup(method)
-    _require_weighting(spec)
     leaves, _, k = _flatten(jac)
-    opts = _check_call(spec, k, leaves[0].device, normalize, generator, state, options)
-    w, _ = _weights(leaves, spec, Context(generator=generator, state=state), opts, normalize, check_finite)
+    plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
+    _require_weighting(plan)
+    w, _ = _weights(leaves, plan, normalize, check_finite)
     return w
 
 
-def weights_from_gramian(gramian: torch.Tensor, method: str = "upgrad", *, normalize: Normalize = None,
+def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, normalize: Normalize = None,
                          generator: torch.Generator | None = None, state: Any = None,
+                         losses: torch.Tensor | None = None, grad_normalizer: Normalizer = None,
                          check_finite: bool = True, **options: Any) -> torch.Tensor:
-    """The weights w [K] of a weighting method, from a precomputed K x K Gramian G = J Jᵀ.
+    """The weights w [K] of a weighting method (or chain), from a precomputed Gramian G = J Jᵀ.
 
     For Gramians computed elsewhere: with respect to shared features (MGDA-UB), all-reduced over
     parameter shards, or by another engine. Returns float64 on G's device; ``Σ_i w_i g_i`` is then
     the combined gradient.
     """
-    spec = lookup(method)
-    _require_weighting(spec)
     if not isinstance(gramian, torch.Tensor):
         raise TypeError(f"gramian must be a torch.Tensor, got {type(gramian).__name__}")
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
@@ -210,11 +369,12 @@ def weights_from_gramian(gramian: torch.Tensor, method: str = "upgrad", *, norma
     if gramian.is_complex() or not gramian.is_floating_point():
         raise TypeError(f"gramian must be real floating point, got dtype {gramian.dtype}")
     k = gramian.shape[0]
-    opts = _check_call(spec, k, gramian.device, normalize, generator, state, options)
+    plan = _make_plan(method, k, gramian.device, normalize, generator, state, losses, grad_normalizer, options)
+    _require_weighting(plan)
     g = gramian.detach().to(torch.float64)
     if _eager_checks(check_finite) and not bool(torch.isfinite(g).all()):
         raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
-    return _weights_from_g(spec, g, Context(generator=generator, state=state), opts, normalize) + 0.0 * g.sum()
+    return _weights_from_g(plan, g, normalize) + 0.0 * g.sum()
 
 
 def gramian(jac: Any, *, check_finite: bool = True) -> torch.Tensor:
@@ -224,10 +384,24 @@ def gramian(jac: Any, *, check_finite: bool = True) -> torch.Tensor:
     again with exact power-of-two scaling when squares would overflow or underflow float32.
     """
     leaves, _, _ = _flatten(jac)
-    g = _gramian(leaves, check_finite)
-    if _eager_checks(check_finite) and not bool(torch.isfinite(torch.diagonal(g)).all()):
-        _raise_non_finite(leaves)
-    return g
+    return _checked_gramian(leaves, check_finite)
+
+
+def init(method: Any, num_tasks: int, *, device: torch.device | str | None = None,
+         dtype: torch.dtype = torch.float64) -> Any:
+    """A fresh state for a stateful method, to pass to ``aggregate``/``weights`` as ``state=``.
+
+    Without ``device`` the state is placed on the device of the first Jacobian it is used with.
+    For a chain, returns the state of its one stateful method, or a tuple of the states of its
+    stateful methods in chain order when it has several.
+    """
+    elements = _elements(method, {})
+    states = [m.state_class(num_tasks, device=device, dtype=dtype) for m, _ in elements if m.stateful]
+    if not states:
+        names = ", ".join(m.name for m, _ in elements)
+        raise ValueError(f"{names} {'is' if len(elements) == 1 else 'are'} stateless and needs no state; stateful "
+                         f"methods: {', '.join(n for n, m in all_methods().items() if m.stateful)}")
+    return states[0] if len(states) == 1 else tuple(states)
 
 
 def methods() -> dict[str, MethodInfo]:
@@ -235,7 +409,8 @@ def methods() -> dict[str, MethodInfo]:
     return {name: info(m) for name, m in sorted(all_methods().items())}
 
 
-def _require_weighting(spec: Method) -> None:
-    if not spec.is_weighting:
-        raise ValueError(f"method {spec.name!r} acts coordinate by coordinate on J, so no weight vector w "
-                         f"gives its result as Σ w_i g_i; use gradagg.aggregate(jac, method={spec.name!r})")
+def _require_weighting(plan: _Plan) -> None:
+    if plan.tail is not None:
+        name = plan.tail.method.name
+        raise ValueError(f"method {name!r} acts coordinate by coordinate on J, so no weight vector w "
+                         f"gives its result as Σ w_i g_i; use gradagg.aggregate(jac, method={name!r})")

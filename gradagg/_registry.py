@@ -44,17 +44,25 @@ class Method:
     weighting: Callable[..., torch.Tensor] | None = None
     combine: Callable[..., list[torch.Tensor]] | None = None
     random: bool = False
-    stateful: bool = False
+    state_class: type | None = None
     uses_gramian: bool = True
+    uses_losses: bool = False
+    #: For per-task transforms that are not row scalings: ``transform(G, ctx, **opts) -> T`` with
+    #: J' = T J (K x K). Any other weighting acts in a chain as T = diag(w).
+    transform: Callable[..., torch.Tensor] | None = None
 
     @property
     def is_weighting(self) -> bool:
         return self.weighting is not None
 
+    @property
+    def stateful(self) -> bool:
+        return self.state_class is not None
+
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """What ``gradagg.methods()`` reports about a method."""
+    """What ``gradagg.methods()`` reports about a method (``uses_losses``: it needs ``losses=``)."""
 
     name: str
     aliases: tuple[str, ...]
@@ -64,6 +72,7 @@ class MethodInfo:
     options: dict[str, Any]
     summary: str
     source: str = field(repr=False)
+    uses_losses: bool = False
 
 
 _METHODS: dict[str, Method] = {}
@@ -102,6 +111,7 @@ def info(method: Method) -> MethodInfo:
         options={opt.name: opt.default for opt in method.options},
         summary=method.summary,
         source=method.source,
+        uses_losses=method.uses_losses,
     )
 
 
@@ -172,6 +182,24 @@ def integer(low: Callable[[int], int], high: Callable[[int], int], what: str) ->
         return value
 
     return check
+
+
+def nonnegative_int(name: str, value: Any, k: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"option {name!r} must be an int, got {type(value).__name__}: {value!r}")
+    if value < 0:
+        raise ValueError(f"option {name!r} must be ≥ 0, got {value}")
+    return value
+
+
+def positive_int(name: str, value: Any, k: int) -> int:
+    if nonnegative_int(name, value, k) < 1:
+        raise ValueError(f"option {name!r} must be ≥ 1, got {value}")
+    return value
+
+
+def optional_positive_real(name: str, value: Any, k: int) -> float | None:
+    return None if value is None else real_at_least(0.0, strict=True)(name, value, k)
 
 
 def k_vector(nonnegative: bool, positive_sum: bool) -> Callable[[str, Any, int], Any]:

@@ -13,8 +13,9 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 
-ALL = sorted(gradagg.methods())
-WEIGHTINGS = [m for m in ALL if gradagg.methods()[m].weighting and not gradagg.methods()[m].stateful]
+STATEFUL = sorted(m for m, info in gradagg.methods().items() if info.stateful)
+ALL = sorted(m for m in gradagg.methods() if m not in STATEFUL)  # the stateless methods
+WEIGHTINGS = [m for m in ALL if gradagg.methods()[m].weighting]
 RANDOM = [m for m in ALL if gradagg.methods()[m].random]
 DETERMINISTIC_WEIGHTINGS = [m for m in WEIGHTINGS if m not in RANDOM]
 STATELESS = [m for m in ALL if not gradagg.methods()[m].stateful]

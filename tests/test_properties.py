@@ -41,6 +41,7 @@ def test_permuting_tasks_permutes_weights(device, method, case, data):
                          + ["trimmed_mean"])
 @given(case=cases(max_k=8, kinds=("random", "norm_spread", "orthogonal")), power=st.integers(-6, 6))
 def test_scaling_scales_result(device, method, case, power):
+    assume(not (method == "aligned_mtl" and case.kind == "norm_spread"))  # see the permutation test
     j = case.tensor(device)
     s = 10.0**power
     d = npy(run(method, j))
@@ -75,6 +76,11 @@ def test_pytree_equals_flat(device, method, case, seed):
     out = run(method, tree, k=case.k, generator=gen())
     if method == "graddrop":
         return  # its uniform draws are made per leaf, so a different split draws differently
+    if method == "krum":  # a tie for the lowest score is broken by rounding, which the split changes
+        g = npy(j) @ npy(j).T
+        dist = np.diag(g)[:, None] + np.diag(g)[None] - 2 * g
+        scores = np.sort(np.sort(dist + np.diag(np.full(case.k, np.inf)), 1)[:, : case.k - 3].sum(1))
+        assume(scores[1] - scores[0] > 1e-9 * scores[1])
     got = np.concatenate([npy(out["w"]).reshape(-1), npy(out["b"][0]), npy(out["b"][1][0]).reshape(-1)])
     np.testing.assert_allclose(got, flat, rtol=1e-9, atol=1e-12 * np.abs(npy(j)).max())
     assert out["w"].shape == (1, 1) and out["b"][1][0].shape == (case.d - cut2, 1)

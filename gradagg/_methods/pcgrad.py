@@ -22,26 +22,23 @@ def random_orders(k: int, g: torch.Tensor, generator: torch.Generator | None) ->
     return keys.argsort(-1)[:, : k - 1]
 
 
-def surgery(g: torch.Tensor, order: torch.Tensor, c: torch.Tensor, step) -> torch.Tensor:
-    """Runs the sequential updates ``c_i ← step(c_i, j)`` over each row's order of partners j."""
-    for t in range(order.shape[-1]):
-        c = step(c, order[:, t])
-    return c
-
-
 def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """The coefficient matrix C with rows g_i' = Σ_j C_ij g_j."""
     k = g.shape[-1]
     diag = torch.diagonal(g)
     safe = torch.where(diag > 0, diag, 1.0)
-
-    def project(c: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    order = random_orders(k, g, generator)
+    c = torch.eye(k, dtype=g.dtype, device=g.device)
+    for t in range(k - 1):
+        j = order[:, t]
         dot = (c @ g).gather(1, j.unsqueeze(1)).squeeze(1)  # g_i'·g_j
         coef = torch.where((dot < 0) & (diag[j] > 0), dot / safe[j], 0.0)
-        return c - coef.unsqueeze(1) * torch.nn.functional.one_hot(j, k).to(g.dtype)
+        c = c - coef.unsqueeze(1) * torch.nn.functional.one_hot(j, k).to(g.dtype)
+    return c
 
-    eye = torch.eye(k, dtype=g.dtype, device=g.device)
-    return surgery(g, random_orders(k, g, generator), eye, project)
+
+def _transform(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    return pcgrad_matrix(g, ctx.generator)
 
 
 def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -51,5 +48,5 @@ def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 register(Method(
     "pcgrad", "Project each gradient off the others it conflicts with (random order), then sum.",
     "Yu et al. 2020, 'Gradient surgery for multi-task learning'",
-    weighting=_pcgrad, random=True,
+    weighting=_pcgrad, transform=_transform, random=True,
 ))

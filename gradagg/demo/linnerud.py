@@ -16,8 +16,7 @@ import gradagg
 TASKS = ("weight", "waist", "pulse")
 
 
-def linnerud_jacobian(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(Jacobian as a dict of [3, *shape], the Gramian) at a random initial point of the model."""
+def _problem(seed: int):
     from sklearn.datasets import load_linnerud
 
     data = load_linnerud()
@@ -30,10 +29,24 @@ def linnerud_jacobian(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Ten
               "shared.bias": 0.1 * torch.randn(4, generator=gen, dtype=torch.float64),
               "heads": 0.8 * torch.randn(3, 4, generator=gen, dtype=torch.float64)}
 
-    def task_loss(p: dict[str, torch.Tensor], task: torch.Tensor) -> torch.Tensor:
+    def all_losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = torch.tanh(x @ p["shared.weight"].T + p["shared.bias"])
-        losses = ((hidden @ p["heads"].T - y) ** 2).mean(0)
-        return losses.gather(0, task.reshape(1)).squeeze(0)
+        return ((hidden @ p["heads"].T - y) ** 2).mean(0)
+
+    return params, all_losses
+
+
+def linnerud_losses(seed: int = 0) -> torch.Tensor:
+    params, all_losses = _problem(seed)
+    return all_losses(params)
+
+
+def linnerud_jacobian(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(Jacobian as a dict of [3, *shape], the Gramian) at a random initial point of the model."""
+    params, all_losses = _problem(seed)
+
+    def task_loss(p: dict[str, torch.Tensor], task: torch.Tensor) -> torch.Tensor:
+        return all_losses(p).gather(0, task.reshape(1)).squeeze(0)
 
     jac = torch.func.vmap(torch.func.grad(task_loss), in_dims=(None, 0))(params, torch.arange(3))
     return jac, gradagg.gramian(jac)
@@ -56,13 +69,21 @@ def table(seed: int = 0) -> str:
                  f"{TASKS[i]}/{TASKS[j]} {float(g[i, j] / (norms[i] * norms[j])):+.3f}"
                  for i in range(k) for j in range(i + 1, k)),
              "", head, "-" * len(head)]
-    gen = torch.Generator().manual_seed(seed)
+    losses = linnerud_losses(seed)
     for name, info in gradagg.methods().items():
         opts = demo_options(name, k)
-        d_tree = gradagg.aggregate(jac, name, generator=gen, **opts)
+        # Stateful methods get a fresh state: the table shows their first step.
+        extra = {"losses": losses} if info.uses_losses else {}
+        def state(name: str = name, stateful: bool = info.stateful) -> gradagg.State | None:
+            return gradagg.init(name, k) if stateful else None
+
+        # The same draws for d and for its weights, so that each row is one consistent call.
+        d_tree = gradagg.aggregate(jac, name, generator=torch.Generator().manual_seed(seed), state=state(), **extra,
+                                   **opts)
         d = torch.cat([d_tree[key].reshape(-1) for key in jac])
         if info.weighting:
-            w = gradagg.weights(jac, name, generator=torch.Generator().manual_seed(seed), **opts)
+            w = gradagg.weights(jac, name, generator=torch.Generator().manual_seed(seed), state=state(), **extra,
+                                **opts)
             weights = "[" + ", ".join(f"{float(v):.3f}" for v in w) + "]"
         else:
             weights = "(per coordinate)"

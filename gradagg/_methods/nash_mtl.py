@@ -1,0 +1,67 @@
+"""Nash-MTL. Navon et al. (2022), "Multi-task learning as a bargaining game".
+
+    α > 0  with  α ⊙ (G α) = 1,   d = Jᵀα,   so ‖d‖² = αᵀGα = K.
+
+Solved by Newton's method on the convex potential ½ αᵀGα − Σ log α_i (``solvers.barrier``, the
+same solver as FairGrad with α = 1) in the unit-diagonal scaling, warm-started from the previous
+α kept in the state, on the device; the paper's reference code uses cvxpy on the CPU. The answer
+is recomputed every ``update_every`` calls and reused in between. ``max_norm`` clips ‖d‖.
+
+Singular Gramians: when a nonnegative combination of the gradients vanishes (e.g. two opposite
+gradients) the equation has no solution. gradagg then solves it for G + ε diag(G) (ε = 1e-15):
+α grows like ε^(−1/2) along that combination, d stays finite, and ‖d‖² < K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._registry import Context, Method, Option, optional_positive_real, positive_int, register
+from ..solvers import scaled_gramian, solve_barrier
+from ..solvers._loop import can_stop_early, guard
+from ..solvers.barrier import MAX_ITER
+from ..state import NashMTLState
+
+EPS = 1e-15
+
+
+@torch.library.custom_op("gradagg::nash", mutates_args=())
+def nash_op(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
+    """α for the Gramian g, or ``previous`` where ``recompute`` is false (no solve where that is
+    free to read, on the CPU)."""
+    if can_stop_early(recompute) and not bool(recompute):
+        return previous.clone()
+    a, s, _ = scaled_gramian(g, EPS)
+    have = (previous > 0).all()
+    start = torch.where(have, previous / s, 1.0)
+    u, converged = solve_barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER)
+    return torch.where(recompute, guard(s * u, converged, "Nash-MTL's Newton solver"), previous)
+
+
+@nash_op.register_fake
+def _(g, previous, recompute):
+    return torch.empty_like(previous)
+
+
+def _nash_mtl(g: torch.Tensor, ctx: Context, update_every: int, max_norm: float | None) -> torch.Tensor:
+    state = ctx.state
+    previous = state.alpha.to(g.dtype)
+    recompute = ((state.step % update_every) == 0) | ~(previous > 0).all()
+    alpha = nash_op(g, previous, recompute)
+    state.alpha.copy_(alpha.to(state.dtype))
+    state.step.add_(1)
+    if max_norm is None:
+        return alpha
+    norm = (alpha @ g @ alpha).clamp_min(0).sqrt()
+    return alpha * torch.where(norm > max_norm, max_norm / torch.where(norm > 0, norm, 1.0), 1.0)
+
+
+register(Method(
+    "nash_mtl", "α > 0 with α ⊙ (Gα) = 1: the Nash bargaining solution, warm-started from the last step.",
+    "Navon et al. 2022, 'Multi-task learning as a bargaining game'",
+    options=(
+        Option("update_every", 1, positive_int, "recompute α every this many calls (≥ 1)"),
+        Option("max_norm", None, optional_positive_real, "clip ‖d‖ to this (> 0), or None"),
+    ),
+    weighting=_nash_mtl, state_class=NashMTLState,
+))
