@@ -7,6 +7,7 @@ without the leading K.
 """
 
 from ._api import NonFiniteError, aggregate, gramian, init, methods, weights, weights_from_gramian
+from ._config import Config, from_config
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
 from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
@@ -14,6 +15,7 @@ from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState,
 __version__ = "0.1.0"
 
 __all__ = [
+    "Config",
     "GradNormLossState",
     "GradNormState",
     "GradVacState",
@@ -24,6 +26,7 @@ __all__ = [
     "SolverError",
     "State",
     "aggregate",
+    "from_config",
     "gramian",
     "init",
     "methods",

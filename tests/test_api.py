@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import gradagg
-from gradagg import SolverError
 
 from asserts import ALL, DEVICES, RANDOM, WEIGHTINGS, options_for
 
@@ -144,10 +143,7 @@ def test_non_finite_input_names_the_tasks(device, method, bad):
 def test_unchecked_non_finite_input_is_never_a_finite_answer(device, method):
     j = jac(5, 6, device)
     j[2, :] = float("nan")
-    try:
-        d = gradagg.aggregate(j, method, check_finite=False, **options_for(method, 5))
-    except SolverError:
-        return  # refusing is as good as NaN
+    d = gradagg.aggregate(j, method, check_finite=False, **options_for(method, 5))
     assert not torch.isfinite(d).all()
 
 

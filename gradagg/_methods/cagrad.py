@@ -51,7 +51,7 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
         if early and all_done(done):
             break
         y_new, inner_ok = nnqp(a, (s * (lam - b)).unsqueeze(0), y)
-        y_new = guard(y_new, inner_ok, "CAGrad's inner QP solver")
+        y_new = guard(y_new, inner_ok, "CAGrad's inner QP solver", a)
         psi = (y_new @ a * y_new).sum()
         free = y_new > 0
         below = psi < rr
@@ -71,7 +71,7 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
         done = done | finished
         fallback = torch.where(torch.isfinite(hi), 0.5 * (lo + hi), lo + 2.0 * (lam - lo).clamp_min(1.0))
         lam = torch.where(done, lam, torch.where(inside, root, fallback))
-    u = guard(s * y[0], done, "CAGrad's search for the multiplier λ")
+    u = guard(s * y[0], done, "CAGrad's search for the multiplier λ", a)
     norm_sq = (u @ gn @ u).clamp_min(0)
     scale = torch.where(norm_sq <= 0, 0.0, r / norm_sq.clamp_min(torch.finfo(g.dtype).tiny).sqrt())
     return 1.0 / k + scale * u

@@ -35,7 +35,7 @@ def nash_op(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) ->
     have = (previous > 0).all()
     start = torch.where(have, previous / s, 1.0)
     u, converged = solve_barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER)
-    return torch.where(recompute, guard(s * u, converged, "Nash-MTL's Newton solver"), previous)
+    return torch.where(recompute, guard(s * u, converged, "Nash-MTL's Newton solver", a), previous)
 
 
 @nash_op.register_fake

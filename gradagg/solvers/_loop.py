@@ -26,10 +26,13 @@ class SolverError(RuntimeError):
     """A K x K solver ran out of its iteration budget without meeting its optimality conditions."""
 
 
-def guard(result: torch.Tensor, converged: torch.Tensor, what: str) -> torch.Tensor:
+def guard(result: torch.Tensor, converged: torch.Tensor, what: str, problem: torch.Tensor) -> torch.Tensor:
     """Never returns an unconverged answer as a number: raises where the flag is free to read
-    (CPU), and turns the affected rows into NaN elsewhere."""
-    if can_stop_early(converged) and not all_done(converged):
+    (CPU), and turns the affected rows into NaN elsewhere. A non-finite ``problem`` (unchecked NaN
+    input) is no solver failure: it just gives NaN."""
+    finite = torch.isfinite(problem).all()
+    converged = converged & finite
+    if can_stop_early(converged) and not all_done(converged) and bool(finite):
         raise SolverError(f"{what} did not converge within its iteration budget; please report this input")
     ok = converged.reshape(converged.shape + (1,) * (result.dim() - converged.dim()))
     return torch.where(ok, result, float("nan"))

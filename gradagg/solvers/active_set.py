@@ -129,7 +129,7 @@ def nnqp_op(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, 
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``refined_nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
     y, converged = refined_nnqp(a, q, reg, max_iter, refine)
-    return guard(y, converged, "the nonnegative QP solver"), converged
+    return guard(y, converged, "the nonnegative QP solver", a), converged
 
 
 @nnqp_op.register_fake

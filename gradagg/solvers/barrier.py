@@ -91,7 +91,7 @@ def barrier_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``solve_barrier`` as one opaque operator for compiled graphs."""
     u, converged = solve_barrier(a, c, u0, beta, max_iter)
-    return guard(u, converged, "the Newton solver of A u = c u^(-beta)"), converged
+    return guard(u, converged, "the Newton solver of A u = c u^(-beta)", a), converged
 
 
 @barrier_op.register_fake
