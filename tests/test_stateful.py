@@ -263,7 +263,7 @@ def test_state_device_binding_and_moves():
     state = gradagg.init("nsgd", 3)
     gradagg.aggregate(jac(device="cuda"), "nsgd", state=state)
     assert state.device.type == "cuda"
-    with pytest.raises(ValueError, match="state.to"):
+    with pytest.raises(ValueError, match=r"state\.to"):
         gradagg.aggregate(jac(), "nsgd", state=state)
     state.to("cpu")
     gradagg.aggregate(jac(), "nsgd", state=state)
