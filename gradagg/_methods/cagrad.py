@@ -41,6 +41,7 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
     a, s, _ = scaled_gramian(gn, EPS)
     sb = s * b
     rr = r * r
+    b_size = torch.diagonal(gn).clamp_min(0).sqrt() * torch.diagonal(gn).clamp_min(0).sqrt().mean()  # bounds |b|
     lo, hi = b.amin(), torch.full_like(r, float("inf"))
     lam = lo + 1.0
     y = torch.zeros(1, k, dtype=g.dtype, device=g.device)
@@ -50,7 +51,8 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
     for _ in range(MAX_OUTER):
         if early and all_done(done):
             break
-        y_new, inner_ok = nnqp(a, (s * (lam - b)).unsqueeze(0), y)
+        q = (s * (lam - b)).unsqueeze(0)
+        y_new, inner_ok = nnqp(a, q, y, None, s * (lam.abs() + b_size))
         y_new = guard(y_new, inner_ok, "CAGrad's inner QP solver", a)
         psi = (y_new @ a * y_new).sum()
         free = y_new > 0

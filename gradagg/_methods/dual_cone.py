@@ -28,7 +28,10 @@ def project_dual_cone(g: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     a, s, reg = scaled_gramian(g, EPS)
     bound = lower / s  # bounds on y = S⁻¹ v
     # The bias of reg is removed by the proximal steps, whose centre is y = z + bound, not z.
-    z, _ = nnqp_op(a, -(bound @ a) + reg * bound, reg, default_budget(g.shape[-1]), REFINE)
+    q = -(bound @ a) + reg * bound
+    unit = (torch.diagonal(g) > 0).to(g.dtype)
+    qscale = unit * (bound.abs() * unit).sum(-1, keepdim=True) + q.abs()  # rounding of A's entries
+    z, _ = nnqp_op(a, q, reg, default_budget(g.shape[-1]), REFINE, qscale)
     return (z + bound) * s
 
 

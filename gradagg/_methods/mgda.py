@@ -30,7 +30,8 @@ def mgda_weights(g: torch.Tensor) -> torch.Tensor:
     """The min-norm simplex weights for the Gramian g (float64)."""
     # A zero gradient puts 0 in the hull: a vanishing regulariser there makes w exactly that vertex.
     a, s, reg = scaled_gramian(g, EPS, zero_eps=1e-300)
-    y, _ = nnqp_op(a, s.unsqueeze(0), reg, default_budget(g.shape[-1]), REFINE)
+    q = s.unsqueeze(0)
+    y, _ = nnqp_op(a, q, reg, default_budget(g.shape[-1]), REFINE, q.abs())
     v = s * y[0]
     return v / v.sum()
 

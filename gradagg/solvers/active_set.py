@@ -47,11 +47,17 @@ def _masked_solve(a: torch.Tensor, q: torch.Tensor, free: torch.Tensor) -> torch
 
 
 def nnqp(
-    a: torch.Tensor, q: torch.Tensor, y0: torch.Tensor | None = None, max_iter: int | None = None
+    a: torch.Tensor, q: torch.Tensor, y0: torch.Tensor | None = None, max_iter: int | None = None,
+    qscale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solves the batch of NNQPs; returns (y [B, K], converged [B]).
 
-    ``y0`` ≥ 0 warm-starts the search (its support is the first working set).
+    ``y0`` ≥ 0 warm-starts the search (its support is the first working set). ``qscale`` is the
+    size of the terms q was computed from (default |q|), which bounds its rounding.
+
+    A is expected in unit-diagonal scaling (``scaled_gramian``): an entry A_ji then carries a
+    rounding error of order eps, whatever its own size, except in the rows of zero gradients,
+    which are exact. The tests on μ = A y − q use that backward-error bound.
     """
     b, k = q.shape
     budget = default_budget(k) if max_iter is None else max_iter
@@ -63,12 +69,15 @@ def nnqp(
     done = torch.zeros(b, dtype=torch.bool, device=q.device)
     solution = torch.zeros_like(q)
     abs_a = a.abs()
+    unit = (torch.diagonal(a) > 0.5).to(a.dtype)  # rows of nonzero gradients (unit diagonal)
+    qscale = q.abs() if qscale is None else qscale
     early = can_stop_early(q)
     for _ in range(budget):
         z = _masked_solve(a, q, work)
         descent = q - z @ a  # −μ: positive where raising a variable from 0 lowers the objective
         # μ_j is known to the rounding of its terms: a backward-error tolerance, per component.
-        tol_q = SIGN_TOL * (z.abs() @ abs_a + q.abs()) + torch.finfo(q.dtype).tiny
+        noise = unit * (z.abs() * unit).sum(-1, keepdim=True)
+        tol_q = SIGN_TOL * (noise + z.abs() @ abs_a + qscale) + torch.finfo(q.dtype).tiny
         # Signs of z are tested exactly: a relative tolerance would be polluted by decoupled
         # variables (zero gradients) whose values dwarf the others. μ is tested relative to q.
         negative = work & (z < 0)
@@ -108,8 +117,8 @@ def nnqp(
     return solution, done
 
 
-def refined_nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def refined_nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
+                 qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``nnqp`` for A = Â + diag(reg), followed by ``refine`` proximal-point steps.
 
     Each step solves min ½yᵀÂy − qᵀy + ½‖y − y_k‖²_reg, which is the same NNQP with q + reg ⊙ y_k,
@@ -117,23 +126,23 @@ def refined_nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: 
     every eigendirection λ of Â per step, so the answer is that of the unregularised problem up
     to rounding wherever that one is well defined.
     """
-    y, converged = nnqp(a, q, None, max_iter)
+    y, converged = nnqp(a, q, None, max_iter, qscale)
     for _ in range(refine):
-        y, again = nnqp(a, q + reg * y, y, max_iter)
+        y, again = nnqp(a, q + reg * y, y, max_iter, qscale)
         converged = converged & again
     return y, converged
 
 
 @torch.library.custom_op("gradagg::nnqp", mutates_args=())
-def nnqp_op(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def nnqp_op(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
+            qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``refined_nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
-    y, converged = refined_nnqp(a, q, reg, max_iter, refine)
+    y, converged = refined_nnqp(a, q, reg, max_iter, refine, qscale)
     return guard(y, converged, "the nonnegative QP solver", a), converged
 
 
 @nnqp_op.register_fake
-def _(a, q, reg, max_iter, refine):
+def _(a, q, reg, max_iter, refine, qscale):
     return torch.empty_like(q), q.new_empty(q.shape[:1], dtype=torch.bool)
 
 
