@@ -6,11 +6,12 @@
 without the leading K.
 """
 
-from ._api import NonFiniteError, aggregate, gramian, init, methods, weights, weights_from_gramian
+from ._api import NonFiniteError, aggregate, gramian, init, is_weighting, methods, weights, weights_from_gramian
 from ._config import Config, from_config
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
 from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
+from .training import autograd_jacobian, backward, model_jacobian, set_grad, task_jacobian
 
 __version__ = "0.1.0"
 
@@ -26,10 +27,16 @@ __all__ = [
     "SolverError",
     "State",
     "aggregate",
+    "autograd_jacobian",
+    "backward",
     "from_config",
     "gramian",
     "init",
+    "is_weighting",
     "methods",
+    "model_jacobian",
+    "set_grad",
+    "task_jacobian",
     "weights",
     "weights_from_gramian",
 ]

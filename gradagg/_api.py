@@ -404,6 +404,11 @@ def init(method: Any, num_tasks: int, *, device: torch.device | str | None = Non
     return states[0] if len(states) == 1 else tuple(states)
 
 
+def is_weighting(method: Any) -> bool:
+    """Whether ``method`` (a name or a chain) returns Σ_i w_i g_i, i.e. has ``weights``."""
+    return _elements(method, {})[-1][0].is_weighting
+
+
 def methods() -> dict[str, MethodInfo]:
     """Every method by name: aliases, whether it is a weighting, stateful or random, and its options."""
     return {name: info(m) for name, m in sorted(all_methods().items())}

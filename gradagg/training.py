@@ -1,0 +1,178 @@
+"""Hook-free training helpers: per-task Jacobians, writing the result into ``.grad``, and
+aggregation at a shared representation (MGDA-UB style) with an ordinary backward pass.
+
+Three ways to get the Jacobian J (K task gradients, one row each):
+
+* ``task_jacobian(losses_fn, params, *args)``: torch.func (``jacrev``) over a function that
+  returns the K losses from a dict of parameters; ``chunk_size`` bounds how many task gradients
+  are computed at once.
+* ``model_jacobian(model, inputs, losses_fn)``: the same for an ``nn.Module``, via
+  ``torch.func.functional_call``.
+* ``autograd_jacobian(losses, params)``: plain autograd on an ordinary graph, with
+  ``torch.autograd.grad(..., is_grads_batched=True)``.
+
+Each returns the structure ``aggregate`` takes; ``set_grad`` puts the combined gradient into the
+parameters' ``.grad`` so that any ``torch.optim`` optimizer can step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ._api import aggregate, is_weighting, weights
+
+Params = Mapping[str, torch.Tensor] | list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.nn.Module
+
+
+def _check_losses(losses: Any) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] == 0:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"the losses must be a 1-D Tensor [K] with K ≥ 1 (one loss per task), got {shape}")
+    return losses
+
+
+def task_jacobian(losses_fn: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], *args: Any,
+                  chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(J, losses): J maps each parameter name to [K, *shape], from ``losses_fn(params, *args) -> [K]``.
+
+    Uses ``torch.func.jacrev``, one vector-Jacobian product per task, batched by vmap;
+    ``chunk_size`` computes at most that many task gradients at once (memory ~ chunk_size copies
+    of the parameters instead of K). The losses are returned detached.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    def with_aux(p: dict[str, torch.Tensor], *a: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = _check_losses(losses_fn(p, *a))
+        return losses, losses.detach()
+
+    jac, losses = torch.func.jacrev(with_aux, has_aux=True, chunk_size=chunk_size)(params, *args)
+    return jac, losses
+
+
+def model_jacobian(model: torch.nn.Module, inputs: Any, losses_fn: Callable[[Any], torch.Tensor], *,
+                   chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(J, losses) for the trainable parameters of ``model``: ``losses_fn(model(*inputs)) -> [K]``.
+
+    ``inputs`` is a tensor or a tuple of positional inputs. Buffers (batch-norm statistics) are
+    passed through unchanged. J's keys are ``model.named_parameters()`` names.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return losses_fn(torch.func.functional_call(model, {**p, **buffers}, args))
+
+    return task_jacobian(losses, params, chunk_size=chunk_size)
+
+
+def _named(params: Params) -> tuple[list[torch.Tensor], list[str] | None, bool]:
+    """(tensors, names or None, is a tuple)."""
+    if isinstance(params, torch.nn.Module):
+        items = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+        return [p for _, p in items], [n for n, _ in items], False
+    if isinstance(params, Mapping):
+        return list(params.values()), list(params.keys()), False
+    if isinstance(params, (list, tuple)):
+        return list(params), None, isinstance(params, tuple)
+    if isinstance(params, Iterable):
+        return list(params), None, False
+    raise TypeError(f"params must be a Module, a dict of tensors or a sequence of tensors, got {type(params).__name__}")
+
+
+def autograd_jacobian(losses: torch.Tensor, params: Params, *, chunk_size: int | None = None,
+                      retain_graph: bool = False) -> Any:
+    """J for an ordinary autograd graph: row i is ∂losses[i]/∂params.
+
+    Returns a dict (for a Module or a dict of parameters) or a list (tuple) of [K, *shape]
+    tensors, in the order of ``params``. Parameters that a loss does not reach get zeros.
+    ``chunk_size`` back-propagates at most that many tasks at a time.
+    """
+    losses = _check_losses(losses)
+    tensors, names, as_tuple = _named(params)
+    k = losses.shape[0]
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    step = k if chunk_size is None else chunk_size
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    parts: list[list[torch.Tensor]] = [[] for _ in tensors]
+    for start in range(0, k, step):
+        rows = eye[start : start + step]
+        last = start + step >= k
+        grads = torch.autograd.grad(losses, tensors, grad_outputs=rows, is_grads_batched=True,
+                                    retain_graph=retain_graph or not last, allow_unused=True)
+        for i, (grad, tensor) in enumerate(zip(grads, tensors)):
+            parts[i].append(torch.zeros((rows.shape[0], *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+                            if grad is None else grad)
+    jac = [torch.cat(p) if len(p) > 1 else p[0] for p in parts]
+    if names is not None:
+        return dict(zip(names, jac))
+    return tuple(jac) if as_tuple else jac
+
+
+def set_grad(params: Params, grads: Any, *, accumulate: bool = False) -> None:
+    """Writes ``grads`` (as ``aggregate`` returned them) into the parameters' ``.grad``.
+
+    ``params`` and ``grads`` have the same structure: a Module or a dict with a dict of the same
+    names (missing names are left alone), or sequences in the same order. With ``accumulate`` the
+    gradients are added to what ``.grad`` holds.
+    """
+    tensors, names, _ = _named(params)
+    if names is not None:
+        if not isinstance(grads, Mapping):
+            raise TypeError("parameters given by name need gradients as a dict of the same names")
+        unknown = set(grads) - set(names)
+        if unknown:
+            raise ValueError(f"gradients for unknown parameters: {sorted(unknown)}")
+        pairs = [(p, grads[n]) for n, p in zip(names, tensors) if n in grads]
+    else:
+        grads = list(grads)
+        if len(grads) != len(tensors):
+            raise ValueError(f"{len(grads)} gradients for {len(tensors)} parameters")
+        pairs = list(zip(tensors, grads))
+    for p, g in pairs:
+        if g.shape != p.shape:
+            raise ValueError(f"a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        g = g.detach().to(dtype=p.dtype, device=p.device)
+        if accumulate and p.grad is not None:
+            p.grad.add_(g)
+        else:
+            p.grad = g.clone()
+
+
+def backward(losses: torch.Tensor, features: torch.Tensor, method: Any = "upgrad", *, weighted_loss: bool = False,
+             **kwargs: Any) -> torch.Tensor:
+    """Aggregates at a shared representation and back-propagates, in one call (MGDA-UB style).
+
+    ``features`` is the shared representation z = encoder(x) and ``losses`` [K] the task losses
+    computed from it by the task heads. The Jacobian of the losses with respect to z is
+    aggregated into d = ∂/∂z (``kwargs`` go to ``gradagg.aggregate``), then one backward pass
+    sends d into the encoder while each head receives its own task's gradient, as the old hook
+    did. Returns the weights w [K] (weighting methods) or d (graddrop, trimmed mean).
+
+    With ``weighted_loss=True`` (weighting methods only) it runs ``(w · losses).sum().backward()``
+    instead: the same encoder gradient, but each head's gradient is scaled by its w_i.
+    """
+    losses = _check_losses(losses)
+    if not isinstance(features, torch.Tensor) or not features.requires_grad:
+        raise ValueError("features must be a Tensor that requires grad (the shared representation z)")
+    jac = autograd_jacobian(losses, [features], retain_graph=True)[0]
+    if is_weighting(method):
+        w = weights(jac, method, **kwargs)
+        if weighted_loss:
+            (w.to(losses.dtype) * losses).sum().backward()
+            return w
+        combined = torch.tensordot(w.to(jac.dtype), jac, 1)
+        result = w
+    else:
+        if weighted_loss:
+            raise ValueError(f"{method!r} acts per coordinate and has no weights: use weighted_loss=False")
+        result = combined = aggregate(jac, method, **kwargs)
+    # One pass: Σ_i L_i gives each head its own gradient and z the sum Σ_i g_i; the second root
+    # adds d − Σ_i g_i at z, so the encoder receives exactly d.
+    torch.autograd.backward([losses.sum(), features], [None, (combined - jac.sum(0)).detach()])
+    return result
