@@ -91,7 +91,3 @@ def table(seed: int = 0) -> str:
         cos = flat @ d / (norms * dn) if float(dn) > 0 else torch.zeros(k, dtype=d.dtype)
         lines.append(f"{name:<14}{weights:<30}{float(dn):>9.4f}  " + "  ".join(f"{float(c):>+13.4f}" for c in cos))
     return "\n".join(lines)
-
-
-def main(seed: int = 0) -> None:
-    print(table(seed))
