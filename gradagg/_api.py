@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 from . import _methods  # noqa: F401  (registers every method)
 from ._gramian import accumulation_dtype, gramian_op
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
+from .solvers.spectral import nearest_psd
 from .state import State
 
 Normalize = Literal["sum"] | None
@@ -218,6 +219,7 @@ def _coefficients(plan: _Plan, g: torch.Tensor) -> torch.Tensor:
     """C (K x K) with the transformed rows J' = C J; the weights are 1ᵀC."""
     k = g.shape[-1]
     c = torch.eye(k, dtype=g.dtype, device=g.device)
+    root = torch.diagonal(g).clamp_min(0).sqrt()  # the original norms, for the rounding bound below
     if plan.normalizer is not None:
         c = torch.diag(1.0 / _normalizer_scale(g, plan.normalizer, plan.losses))
         g = c @ g @ c
@@ -228,8 +230,18 @@ def _coefficients(plan: _Plan, g: torch.Tensor) -> torch.Tensor:
         else:
             t = torch.diag(step.method.weighting(g, ctx, **step.options))
         c = t @ c
-        g = t @ g @ t.T
+        g, c = _transformed_gramian(t @ g @ t.T, c, root)
     return c
+
+
+def _transformed_gramian(g: torch.Tensor, c: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T G Tᵀ cleaned of its rounding: symmetric, PSD, and with rows that a transform cancelled
+    (‖g_i'‖ at the rounding of the terms that make it, e.g. PCGrad on opposite gradients) exactly 0."""
+    g = 0.5 * (g + g.T)
+    scale = (c.abs() @ root) ** 2  # (Σ_j |C_ij| ‖g_j‖)², the size of the terms of ‖g_i'‖²
+    alive = torch.diagonal(g) > 1e-13 * scale
+    keep = alive.to(g.dtype)
+    return nearest_psd(g * keep.unsqueeze(0) * keep.unsqueeze(1)), c * keep.unsqueeze(1)
 
 
 def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch.Tensor:
@@ -249,7 +261,10 @@ def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch
 def _gramian(leaves: list[torch.Tensor], check_finite: bool) -> torch.Tensor:
     detached = [leaf.detach() for leaf in leaves]
     rescue = check_finite or detached[0].device.type == "cpu"
-    return gramian_op(detached, rescue)
+    g = gramian_op(detached, rescue)
+    if accumulation_dtype([leaf.dtype for leaf in leaves]) != torch.float64:
+        g = nearest_psd(g)  # float32 accumulation can leave G a hair indefinite
+    return g
 
 
 def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool) -> torch.Tensor:
@@ -374,6 +389,8 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     g = gramian.detach().to(torch.float64)
     if _eager_checks(check_finite) and not bool(torch.isfinite(g).all()):
         raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
+    if gramian.dtype != torch.float64:
+        g = nearest_psd(g)
     return _weights_from_g(plan, g, normalize) + 0.0 * g.sum()
 
 

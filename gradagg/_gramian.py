@@ -35,7 +35,8 @@ def _fast(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    peak = torch.stack([leaf.detach().abs().amax().to(torch.float64) for leaf in leaves]).amax()
+    peaks = [leaf.detach().abs().amax().to(torch.float64) for leaf in leaves if leaf.numel() > 0]
+    peak = torch.stack(peaks).amax() if peaks else torch.zeros((), dtype=torch.float64, device=leaves[0].device)
     exponent = torch.where(peak > 0, torch.frexp(peak)[1], 0).to(torch.float64)
     # 2^-e may not be representable in float32 (e down to -149), its two halves are.
     half = torch.exp2(-torch.floor(exponent / 2)).to(dtype)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import gradagg
@@ -28,7 +28,8 @@ def test_primal_optimal_against_slsqp_dual(device, case, c):
     scale = np.linalg.norm(jn, axis=1).max() * max(np.linalg.norm(g0), 1e-300)
     assert np.linalg.norm(d - g0) <= r * (1 + 1e-9) + 1e-12 * np.linalg.norm(jn)
     _, upper = cagrad_inner(g, c)
-    assert (jn @ d).min() >= upper - 1e-7 * scale  # SLSQP itself is only this accurate at the kink
+    # 1e-6: SLSQP's own accuracy at the kink, and CAGrad's 1e-10 regularisation on rank-deficient G.
+    assert (jn @ d).min() >= upper - 1e-6 * scale
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -49,7 +50,9 @@ def test_large_c_does_not_conflict(device, case, c):
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=cases(max_k=8, kinds=("random", "norm_spread")))
 def test_direction_definition(device, case):
-    """d = g0 + r Jᵀw*/‖Jᵀw*‖ has ‖d − g0‖ = c‖g0‖ exactly, and rescale divides as documented."""
+    """d = g0 + r Jᵀw*/‖Jᵀw*‖ has ‖d − g0‖ = c‖g0‖ exactly, and rescale divides as documented.
+    (D > K: 0 is then not in the hull of the gradients, so the formula applies.)"""
+    assume(case.d > case.k)
     j = case.tensor(device)
     jn = npy(j)
     g0 = jn.mean(0)

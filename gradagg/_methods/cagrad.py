@@ -10,6 +10,8 @@ uᵀGu = r². Its solution u(λ) is piecewise linear, and ψ(λ) = u(λ)ᵀG u(�
 is found by a safeguarded search: on the free set of the current u(λ), ψ is an explicit quadratic
 in λ whose root is taken when it lies inside the bracket of known values, bisection otherwise.
 Once λ lands on the right piece the root is exact. Then d's weights are 1/K + r u / ‖Jᵀu‖.
+The search runs on A + εI (ε = 1e-10, unit-diagonal scaling); on rank-deficient Gramians that
+perturbs the optimal value by up to ~1e-7 of max‖g_i‖·‖g0‖ (no proximal refinement here yet).
 
 When the minimum is attained at Jᵀw* = 0 (0 lies in the hull of the gradients and the ball
 reaches the dual cone) the formula for d is undefined: every d of the ball with min_i g_i·d = 0 is
@@ -101,8 +103,9 @@ def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tens
     offset = w_cone - mean
     radius_sq = c * c * (mean @ g @ mean)
     in_ball = offset @ g @ offset <= radius_sq * (1.0 + 1e-9)
+    # The primal values are known to the rounding of their largest terms, ‖g_i‖‖d‖ ≤ max‖g‖ (1+c)‖g0‖.
     unit = torch.diagonal(g).amax() * (mean @ g @ mean).clamp_min(0)
-    better = (g @ w_cone).amin() > (g @ w).amin() + 1e-12 * unit.sqrt()
+    better = (g @ w_cone).amin() > (g @ w).amin() + 1e-9 * (1.0 + c) * unit.sqrt()
     w = torch.where(in_ball & better & (c > 0), w_cone, w)
     return w / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
 

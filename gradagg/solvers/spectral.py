@@ -28,3 +28,18 @@ def pinv_solve(a: torch.Tensor, rhs: torch.Tensor, rtol: float = RTOL) -> torch.
     keep = lam > rtol * lam.amax().clamp_min(0)
     inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
     return vec @ (inv * (vec.mT @ rhs))
+
+
+def nearest_psd(g: torch.Tensor) -> torch.Tensor:
+    """G with its negative eigenvalues, in unit-diagonal scaling, set to zero.
+
+    A Gramian accumulated in float32 can come out slightly indefinite (|cos| a hair above 1 for
+    nearly colinear gradients), which no exact Gramian is. Clipping in the scaling S G S keeps the
+    correction relative to each task's own scale, so tasks of very different norms are not lost.
+    """
+    diag = torch.diagonal(g)
+    pos = diag > 0
+    s = torch.where(pos, torch.rsqrt(torch.where(pos, diag, 1.0)), 1.0)
+    lam, vec = finite_eigh(g * s.unsqueeze(-1) * s.unsqueeze(-2))
+    a = (vec * lam.clamp_min(0.0)) @ vec.mT
+    return a / (s.unsqueeze(-1) * s.unsqueeze(-2)) + 0.0 * g  # (0·G keeps NaN input visible)
