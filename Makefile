@@ -24,7 +24,7 @@ test: install lint
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
 
 fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 demo: install
 	$(BIN)/python -m gradagg demo

@@ -75,9 +75,15 @@ def test_finite_input_gives_finite_output_of_the_documented_form(device, method,
     out = run(method, jac, k, device)
     if out is None:
         return  # the method needs more tasks (krum)
+    if dtype == torch.float16:  # finite wherever the float32 answer fits in float16 (|x| ≤ 65504)
+        wide = run(method, jac.float() if isinstance(jac, torch.Tensor) else
+                   {"a": jac["a"].float(), "b": [jac["b"][0].float()]}, k, device)
+        representable = all(bool((w.abs() < 6e4).all()) for w in leaves(wide))
+    else:
+        representable = True
     for result, source in zip(leaves(out), leaves(jac)):
         assert result.shape == source.shape[1:] and result.dtype == dtype and result.device == source.device
-        assert torch.isfinite(result).all(), f"non-finite output for finite input: {result}"
+        assert torch.isfinite(result).all() or not representable, f"non-finite output for finite input: {result}"
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -7,6 +7,7 @@ This is the stationarity condition of the strictly convex  ½ wᵀGw − Σ φ(w
 w = S u, A = S G S + εI, where it reads A u = s^(1−1/α) ⊙ u^(−1/α). The εI (ε = 1e-15, at the
 level of A's own rounding) keeps a solution in existence when a nonnegative combination of the
 gradients vanishes; weights then grow like ε^(−1/2) along that combination while d stays finite.
+A zero gradient, whose equation has no finite solution, gets weight 0.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ EPS = 1e-15
 
 def solve_power_equation(g: torch.Tensor, beta: float, u0: torch.Tensor | None = None) -> torch.Tensor:
     """w > 0 with (G + ε diag G) w = w^(−β); ``u0`` warm-starts in the scaled variable u = S⁻¹w."""
-    a, s, _ = scaled_gramian(g, EPS)
+    # A zero gradient has no finite weight (its equation reads 0 = w^(−β)); it is decoupled as the
+    # dummy equation u = u^(−β) (so u = 1) and gets weight 0, which changes nothing in d.
+    a, s, _ = scaled_gramian(g, EPS, zero_eps=1.0)
     c = s ** (1.0 - beta)
     start = c ** (1.0 / (1.0 + beta)) if u0 is None else u0
     u, _ = barrier_op(a, c, start, beta, MAX_ITER)
-    return s * u
+    return torch.where(torch.diagonal(g) > 0, s * u, 0.0)
 
 
 def _fairgrad(g: torch.Tensor, ctx: Context, alpha: float) -> torch.Tensor:

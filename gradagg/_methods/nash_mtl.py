@@ -9,7 +9,8 @@ is recomputed every ``update_every`` calls and reused in between. ``max_norm`` c
 
 Singular Gramians: when a nonnegative combination of the gradients vanishes (e.g. two opposite
 gradients) the equation has no solution. gradagg then solves it for G + ε diag(G) (ε = 1e-15):
-α grows like ε^(−1/2) along that combination, d stays finite, and ‖d‖² < K.
+α grows like ε^(−1/2) along that combination, d stays finite, and ‖d‖² < K. A zero gradient,
+whose equation α_i (Gα)_i = 1 has no solution, gets α_i = 0.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ def nash_op(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) ->
     free to read, on the CPU)."""
     if can_stop_early(recompute) and not bool(recompute):
         return previous.clone()
-    a, s, _ = scaled_gramian(g, EPS)
+    a, s, _ = scaled_gramian(g, EPS, zero_eps=1.0)  # zero gradients: the dummy equation u = 1/u
+    nonzero = torch.diagonal(g) > 0
     have = (previous > 0).all()
-    start = torch.where(have, previous / s, 1.0)
+    start = torch.where(have & nonzero, previous / s, 1.0)
     u, converged = solve_barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER)
-    return torch.where(recompute, guard(s * u, converged, "Nash-MTL's Newton solver", a), previous)
+    alpha = torch.where(nonzero, s * u, 0.0)
+    return torch.where(recompute, guard(alpha, converged, "Nash-MTL's Newton solver", a), previous)
 
 
 @nash_op.register_fake
@@ -46,7 +49,7 @@ def _(g, previous, recompute):
 def _nash_mtl(g: torch.Tensor, ctx: Context, update_every: int, max_norm: float | None) -> torch.Tensor:
     state = ctx.state
     previous = state.alpha.to(g.dtype)
-    recompute = ((state.step % update_every) == 0) | ~(previous > 0).all()
+    recompute = ((state.step % update_every) == 0) | ~(previous > 0).any()
     alpha = nash_op(g, previous, recompute)
     state.alpha.copy_(alpha.to(state.dtype))
     state.step.add_(1)

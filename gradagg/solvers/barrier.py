@@ -55,7 +55,8 @@ def solve_barrier(
     steps = _STEPS.to(device=u0.device, dtype=u0.dtype)
     u = u0
     early = can_stop_early(u0)
-    done = residual(a, c, u, beta) <= RESIDUAL_TOL
+    best, best_res = u0, residual(a, c, u0, beta)
+    done = best_res <= RESIDUAL_TOL
     for _ in range(max_iter):
         if early and all_done(done):
             break
@@ -81,8 +82,13 @@ def solve_barrier(
         # Neither means rounding noise: u is as good as it gets.
         stalled = ~accept.any(-1) & ~polish
         u = torch.where((~done & ~stalled).unsqueeze(-1), chosen, u)
-        done = done | stalled | (residual(a, c, u, beta) <= RESIDUAL_TOL)
-    return u, residual(a, c, u, beta) <= CONVERGED_TOL
+        res = residual(a, c, u, beta)
+        # At the rounding floor Armijo's test is noise and may wander: keep the best iterate.
+        improved = res < best_res
+        best = torch.where(improved.unsqueeze(-1), u, best)
+        best_res = torch.where(improved, res, best_res)
+        done = done | stalled | (res <= RESIDUAL_TOL)
+    return best, best_res <= CONVERGED_TOL
 
 
 @torch.library.custom_op("gradagg::barrier", mutates_args=())

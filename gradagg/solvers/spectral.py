@@ -41,5 +41,6 @@ def nearest_psd(g: torch.Tensor) -> torch.Tensor:
     pos = diag > 0
     s = torch.where(pos, torch.rsqrt(torch.where(pos, diag, 1.0)), 1.0)
     lam, vec = finite_eigh(g * s.unsqueeze(-1) * s.unsqueeze(-2))
-    a = (vec * lam.clamp_min(0.0)) @ vec.mT
+    keep = pos.to(g.dtype)
+    a = (vec * lam.clamp_min(0.0)) @ vec.mT * (keep.unsqueeze(-1) * keep.unsqueeze(-2))  # zero rows stay 0
     return a / (s.unsqueeze(-1) * s.unsqueeze(-2)) + 0.0 * g  # (0·G keeps NaN input visible)
