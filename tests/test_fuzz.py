@@ -7,12 +7,13 @@ and raise nothing. ``make test`` runs a modest number of examples; ``make fuzz``
 import numpy as np
 import pytest
 import torch
-from asserts import DEVICES, STATEFUL, options_for
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
-from strategies import KINDS, Case
 
 import gradagg
+
+from asserts import DEVICES, STATEFUL, options_for
+from strategies import KINDS, Case
 
 METHODS = sorted(gradagg.methods())
 CHAINS = [("pcgrad", "nsgd"), ("gradvac", "mgda"), (("cagrad", {"c": 1.0}), ("trimmed_mean", {"trim": 1})),
