@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .solvers._loop import opaque
+
 # Positive diagonal entries below these are suspected of underflow in the accumulation dtype.
 _TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
 
@@ -67,13 +69,14 @@ def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
     return g.to(torch.float64)
 
 
-@torch.library.custom_op("gradagg::gramian", mutates_args=())
-def gramian_op(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
+def _gramian_impl(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
     """``gramian_of_leaves`` as one operator, so the overflow rescue stays out of compiled graphs."""
     return gramian_of_leaves(leaves, rescue)
 
 
-@gramian_op.register_fake
-def _(leaves, rescue):
+def _gramian_fake(leaves, rescue):
     k = leaves[0].shape[0]
     return leaves[0].new_empty((k, k), dtype=torch.float64)
+
+
+gramian_op = opaque("gramian", _gramian_fake)(_gramian_impl)

@@ -26,7 +26,7 @@ import torch
 
 from .._registry import Context, Method, Option, choice, real_at_least, register
 from ..solvers import nnqp, scaled_gramian
-from ..solvers._loop import all_done, can_stop_early, guard
+from ..solvers._loop import all_done, can_stop_early, guard, opaque
 from ..solvers.active_set import _masked_solve
 from .dual_cone import project_dual_cone
 
@@ -81,15 +81,16 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
     return 1.0 / k + scale * u
 
 
-@torch.library.custom_op("gradagg::cagrad", mutates_args=())
-def cagrad_op(g: torch.Tensor, c: float) -> torch.Tensor:
+def _cagrad_impl(g: torch.Tensor, c: float) -> torch.Tensor:
     """``cagrad_direction_weights`` as one opaque operator for compiled graphs."""
     return cagrad_direction_weights(g, c)
 
 
-@cagrad_op.register_fake
-def _(g, c):
+def _cagrad_fake(g, c):
     return g.new_empty(g.shape[-1])
+
+
+cagrad_op = opaque("cagrad", _cagrad_fake)(_cagrad_impl)
 
 
 def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tensor:

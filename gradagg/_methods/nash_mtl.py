@@ -19,15 +19,14 @@ import torch
 
 from .._registry import Context, Method, Option, optional_positive_real, positive_int, register
 from ..solvers import scaled_gramian, solve_barrier
-from ..solvers._loop import can_stop_early, guard
+from ..solvers._loop import can_stop_early, guard, opaque
 from ..solvers.barrier import MAX_ITER
 from ..state import NashMTLState
 
 EPS = 1e-15
 
 
-@torch.library.custom_op("gradagg::nash", mutates_args=())
-def nash_op(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
+def _nash_impl(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
     """α for the Gramian g, or ``previous`` where ``recompute`` is false (no solve where that is
     free to read, on the CPU)."""
     if can_stop_early(recompute) and not bool(recompute):
@@ -41,9 +40,11 @@ def nash_op(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) ->
     return torch.where(recompute, guard(alpha, converged, "Nash-MTL's Newton solver", a), previous)
 
 
-@nash_op.register_fake
-def _(g, previous, recompute):
+def _nash_fake(g, previous, recompute):
     return torch.empty_like(previous)
+
+
+nash_op = opaque("nash", _nash_fake)(_nash_impl)
 
 
 def _nash_mtl(g: torch.Tensor, ctx: Context, update_every: int, max_norm: float | None) -> torch.Tensor:

@@ -9,6 +9,10 @@ bit-identical to running the whole budget.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
@@ -36,3 +40,25 @@ def guard(result: torch.Tensor, converged: torch.Tensor, what: str, problem: tor
         raise SolverError(f"{what} did not converge within its iteration budget; please report this input")
     ok = converged.reshape(converged.shape + (1,) * (result.dim() - converged.dim()))
     return torch.where(ok, result, float("nan"))
+
+
+def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Registers the decorated function as the custom operator ``gradagg::name``.
+
+    Under ``torch.compile`` the operator is one opaque node (its eager body then runs inside, with
+    the early exits above), so the solver loops are neither traced nor unrolled. Eager calls skip
+    the dispatcher, which costs about 0.1 ms a call, and run the function directly.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        op = torch.library.custom_op(f"gradagg::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        call.op = op  # type: ignore[attr-defined]
+        return call
+
+    return wrap

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._loop import all_done, can_stop_early, guard
+from ._loop import all_done, can_stop_early, guard, opaque
 
 #: Relative tolerance of the tests on μ = A y − q, against the size of its terms (|A||y| + |q|):
 #: rounding makes ~K ulps of it, and near-singular scaled Gramians a little more.
@@ -127,23 +127,30 @@ def refined_nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: 
     to rounding wherever that one is well defined.
     """
     y, converged = nnqp(a, q, None, max_iter, qscale)
+    early = can_stop_early(q)
     for _ in range(refine):
+        previous = y
         y, again = nnqp(a, q + reg * y, y, max_iter, qscale)
         converged = converged & again
+        # Where the regularisation moved nothing (a well-conditioned problem) further steps are
+        # no-ops; where reading that is free, stop.
+        if early and all_done((y - previous).abs() <= 1e-15 * y.abs().amax(-1, keepdim=True)):
+            break
     return y, converged
 
 
-@torch.library.custom_op("gradagg::nnqp", mutates_args=())
-def nnqp_op(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
+def _nnqp_impl(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
             qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``refined_nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
     y, converged = refined_nnqp(a, q, reg, max_iter, refine, qscale)
     return guard(y, converged, "the nonnegative QP solver", a), converged
 
 
-@nnqp_op.register_fake
-def _(a, q, reg, max_iter, refine, qscale):
+def _nnqp_fake(a, q, reg, max_iter, refine, qscale):
     return torch.empty_like(q), q.new_empty(q.shape[:1], dtype=torch.bool)
+
+
+nnqp_op = opaque("nnqp", _nnqp_fake)(_nnqp_impl)
 
 
 def scaled_gramian(g: torch.Tensor, eps: float, zero_eps: float | None = None

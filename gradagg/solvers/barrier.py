@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._loop import all_done, can_stop_early, guard
+from ._loop import all_done, can_stop_early, guard, opaque
 
 MAX_ITER = 80
 #: Trial step lengths of the line search.
@@ -91,8 +91,7 @@ def solve_barrier(
     return best, best_res <= CONVERGED_TOL
 
 
-@torch.library.custom_op("gradagg::barrier", mutates_args=())
-def barrier_op(
+def _barrier_impl(
     a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``solve_barrier`` as one opaque operator for compiled graphs."""
@@ -100,6 +99,8 @@ def barrier_op(
     return guard(u, converged, "the Newton solver of A u = c u^(-beta)", a), converged
 
 
-@barrier_op.register_fake
-def _(a, c, u0, beta, max_iter):
+def _barrier_fake(a, c, u0, beta, max_iter):
     return torch.empty_like(u0), u0.new_empty(u0.shape[:-1], dtype=torch.bool)
+
+
+barrier_op = opaque("barrier", _barrier_fake)(_barrier_impl)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._loop import can_stop_early
+
 #: Eigenvalues below RTOL times the largest are treated as zero.
 RTOL = 1e-12
 
@@ -40,7 +42,13 @@ def nearest_psd(g: torch.Tensor) -> torch.Tensor:
     diag = torch.diagonal(g)
     pos = diag > 0
     s = torch.where(pos, torch.rsqrt(torch.where(pos, diag, 1.0)), 1.0)
-    lam, vec = finite_eigh(g * s.unsqueeze(-1) * s.unsqueeze(-2))
+    unit = g * s.unsqueeze(-1) * s.unsqueeze(-2)
+    if can_stop_early(g):
+        # Usually G is fine: a Cholesky factorisation (far cheaper than eigh) proves it.
+        _, info = torch.linalg.cholesky_ex(unit + 1e-14 * torch.eye(g.shape[-1], dtype=g.dtype, device=g.device))
+        if not bool(info):
+            return g
+    lam, vec = finite_eigh(unit)
     keep = pos.to(g.dtype)
     a = (vec * lam.clamp_min(0.0)) @ vec.mT * (keep.unsqueeze(-1) * keep.unsqueeze(-2))  # zero rows stay 0
     return a / (s.unsqueeze(-1) * s.unsqueeze(-2)) + 0.0 * g  # (0·G keeps NaN input visible)
