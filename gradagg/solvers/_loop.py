@@ -17,8 +17,9 @@ import torch
 
 
 def can_stop_early(t: torch.Tensor) -> bool:
-    """True where reading a flag from ``t``'s device is free (host memory, eager or inside an op)."""
-    return t.device.type == "cpu"
+    """True where reading a flag from ``t``'s device is free: host memory, and not while
+    ``torch.compile`` traces (the bodies of the opaque operators run eagerly, so there it holds)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def all_done(done: torch.Tensor) -> bool:

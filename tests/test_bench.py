@@ -1,0 +1,15 @@
+"""The benchmark command runs (at tiny sizes, without timing assertions), so that it cannot rot."""
+
+import json
+
+from benchmarks import bench
+
+
+def test_bench_smoke(tmp_path):
+    rows = bench.main(["--quick", "--out", str(tmp_path)])
+    assert {r["method"] for r in rows} >= {"mgda", "upgrad", "nash_mtl", "graddrop"}
+    assert all(r["eager_s"] > 0 and r["floor_s"] > 0 and r["peak_extra_bytes"] >= 0 for r in rows)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved) == len(rows)
+    assert "| K | D | method |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "time_vs_k.png").stat().st_size > 1000
