@@ -328,13 +328,8 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         wd = w.to(dtype)
         out = [(wd @ _rows(leaf, dtype)).to(leaf.dtype).reshape(leaf.shape[1:]) for leaf in leaves]
         if g is None and _eager_checks(check_finite):
-            # wᵀJ turns any NaN or Inf of J into a non-finite entry; a sum reads it in one pass.
-            if not bool(torch.isfinite(torch.stack([o.detach().float().sum() for o in out]).sum())):
-                _raise_non_finite(leaves)
+            _check_output(out, leaves)
         return pytree.tree_unflatten(out, tree)
-    if _eager_checks(check_finite):
-        if not bool(torch.stack([torch.isfinite(leaf.detach()).all() for leaf in leaves]).all()):
-            _raise_non_finite(leaves)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:
         c = _coefficients(plan, _gramian(leaves, check_finite)).to(dtype)
@@ -348,7 +343,18 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         scale = torch.where(norm > 0, target / torch.where(norm > 0, norm, 1.0), 0.0)
         combined = [c * scale for c in combined]
     out = [c.to(leaf.dtype).reshape(leaf.shape[1:]) for c, leaf in zip(combined, leaves)]
+    if _eager_checks(check_finite):
+        _check_output(combined, leaves)
     return pytree.tree_unflatten(out, tree)
+
+
+def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:
+    """Where G was not formed: every result here (wᵀJ, and graddrop and the trimmed mean, which
+    start from column sums) turns a NaN or Inf of J into a non-finite entry, and one sum reads
+    that in a pass over the output, far cheaper than a pass over J. Only then is J searched, to
+    name the tasks (an overflow of a finite J finds none and passes)."""
+    if not bool(torch.isfinite(torch.stack([o.detach().float().sum() for o in out]).sum())):
+        _raise_non_finite(leaves)
 
 
 def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,

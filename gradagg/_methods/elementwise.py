@@ -27,28 +27,71 @@ def _leakage(name, value, k):
     return vec
 
 
+# Reductions over the task dimension (dim 0 of [K, n] rows) run row by row or as a matrix-vector
+# product: torch's dim-0 reductions of such shapes (sum(0), vector_norm(dim=0), topk(dim=0)) are
+# several times slower, and nothing here materialises a K x n temporary.
+
+
+def _abs_sums(r: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_i |g_i|, Σ_i weights_i |g_i|) per coordinate."""
+    plain = r[0].abs()
+    weighted = None if weights is None else plain * weights[0]
+    for i in range(1, r.shape[0]):
+        row = r[i].abs()
+        plain = plain + row
+        weighted = None if weights is None else weighted + weights[i] * row
+    return plain, plain if weights is None else weighted
+
+
+def _extreme_sum(r: torch.Tensor, t: int, largest: bool) -> torch.Tensor:
+    """Per coordinate, the sum of the t largest (or smallest) values: an insertion network of
+    2·K·t element-wise max/min ops (NaN propagates through them)."""
+    keep, drop = (torch.maximum, torch.minimum) if largest else (torch.minimum, torch.maximum)
+    slots = [r[j] for j in range(t)]  # any t rows to start with, then sorted by insertion
+    for j in range(1, t):
+        x = slots[j]
+        for i in range(j):
+            slots[i], x = keep(slots[i], x), drop(slots[i], x)
+        slots[j] = x
+    for row in range(t, r.shape[0]):
+        x = r[row]
+        for i in range(t):
+            slots[i], x = keep(slots[i], x), drop(slots[i], x)
+    return torch.stack(slots).sum(0) if t > 1 else slots[0]
+
+
 def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | None) -> list[torch.Tensor]:
-    like = rows[0]
-    ell = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device) if leakage is None else leakage
-    ell = ell.to(device=like.device, dtype=like.dtype).unsqueeze(1)
+    # Per coordinate only a few sums over the tasks are needed, never a K x n mask: with
+    # m = 1 − ℓ, Σ_i (1 − ℓ_i) M_i g_i = [P > U] Σ_i m_i g_i⁺ + [P < U] Σ_i m_i g_i⁻ and
+    # Σ_i m_i g_i^± = ½ (mᵀJ ± mᵀ|J|).
     out = []
     for r in rows:
-        total, mag = r.sum(0), r.abs().sum(0)
+        ones = torch.ones(r.shape[0], dtype=r.dtype, device=r.device)
+        total = ones @ r
+        if leakage is None:  # ℓ = 0
+            mag, absolute = _abs_sums(r, None)
+            signed, leak = total, 0.0
+        else:
+            ell = leakage.to(device=r.device, dtype=r.dtype)
+            mag, absolute = _abs_sums(r, 1.0 - ell)
+            signed, leak = (1.0 - ell) @ r, ell @ r
         p = 0.5 * (1.0 + torch.where(mag > 0, total / torch.where(mag > 0, mag, 1.0), 0.0))
         u = torch.rand(r.shape[1], generator=ctx.generator, dtype=r.dtype, device=r.device)
-        keep = ((p > u) & (r > 0)) | ((p < u) & (r < 0))
-        out.append(((ell + (1.0 - ell) * keep) * r).sum(0))
+        positive, negative = 0.5 * (signed + absolute), 0.5 * (signed - absolute)
+        out.append(leak + (p > u).to(r.dtype) * positive + (p < u).to(r.dtype) * negative)
     return out
 
 
 def _trimmed_mean(rows: list[torch.Tensor], ctx: Context, trim: int) -> list[torch.Tensor]:
+    # The sum less the trim largest and trim smallest values. NaN or ±Inf anywhere in a column
+    # makes its sum, hence the result, non-finite.
     k = rows[0].shape[0]
     out = []
     for r in rows:
-        ordered = r.sort(0).values
-        # Sorting moves NaN and ±Inf to the ends, where trimming would hide them: they are put
-        # back (0·NaN = 0·Inf = NaN) so that non-finite input never gives a finite coordinate.
-        out.append(ordered[trim : k - trim].mean(0) + 0.0 * (ordered[0] + ordered[-1]))
+        kept = torch.ones(k, dtype=r.dtype, device=r.device) @ r
+        if trim > 0:
+            kept = kept - _extreme_sum(r, trim, True) - _extreme_sum(r, trim, False)
+        out.append(kept / (k - 2 * trim))
     return out
 
 
