@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check gradagg tests
+	$(BIN)/ruff check gradagg tests benchmarks
 
 test: install lint
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q

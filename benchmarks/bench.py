@@ -15,6 +15,7 @@ results.json, results.md and a plot of time against K.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -26,8 +27,9 @@ import torch
 
 import gradagg
 
-# gradagg method -> (TorchJD aggregator factory for K tasks, gradagg options)
+
 def _torchjd_factories():
+    """gradagg method name -> TorchJD aggregator for K tasks (None without TorchJD)."""
     try:
         import torchjd.aggregation as A
     except ImportError:
@@ -102,7 +104,7 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
 def split_leaves(j: torch.Tensor, n: int = 50) -> dict[str, torch.Tensor]:
     d = j.shape[1]
     cuts = torch.linspace(0, d, n + 1).round().long().tolist()
-    return {f"p{i}": j[:, a:b].clone() for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])) if b > a}
+    return {f"p{i}": j[:, a:b].clone() for i, (a, b) in enumerate(itertools.pairwise(cuts)) if b > a}
 
 
 def run_case(k: int, d: int, device: torch.device, repeats: int, compiled: bool, torchjd) -> list[dict]:
