@@ -220,3 +220,15 @@ def test_same_generator_seed_same_result():
         a = gradagg.aggregate(j, method, generator=torch.Generator().manual_seed(5))
         b = gradagg.aggregate(j, method, generator=torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
+
+
+def test_mixed_devices_are_refused_without_a_gpu_too():
+    """The meta device stands in for a second device on a CPU-only machine."""
+    with pytest.raises(ValueError, match="one device"):
+        gradagg.aggregate([torch.zeros(2, 3), torch.zeros(2, 3, device="meta")], "mean")
+    state = gradagg.init("nsgd", 2)
+    gradagg.aggregate(torch.ones(2, 3), "nsgd", state=state)
+    state.to("meta")
+    assert state.ref.device.type == "meta" and state.step.device.type == "meta"
+    with pytest.raises(ValueError, match=r"state is on meta but the Jacobian is on cpu"):
+        gradagg.aggregate(torch.ones(2, 3), "nsgd", state=state)
