@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check gradagg tests benchmarks
+	$(BIN)/ruff check gradagg tests benchmarks examples
 
 test: install lint
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _methods  # noqa: F401  (registers every method)
+from . import _methods, distributed  # noqa: F401  (_methods registers every method)
 from ._gramian import accumulation_dtype, gramian_op
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
 from .solvers.spectral import nearest_psd
@@ -188,12 +188,17 @@ def _rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
-def _raise_non_finite(leaves: list[torch.Tensor]) -> None:
+def _raise_non_finite(leaves: list[torch.Tensor], group: Any = None) -> None:
+    """Names the tasks whose rows hold NaN or Inf. With a group, called on every rank once any rank
+    found some: ranks whose own shard is finite report that another rank's is not."""
     finite = torch.stack([torch.isfinite(leaf.detach().reshape(leaf.shape[0], -1)).all(1) for leaf in leaves])
     tasks = [int(i) for i in torch.nonzero(~finite.all(0)).flatten()]
     if tasks:
         raise NonFiniteError(f"the Jacobian holds NaN or Inf in the rows of tasks {tasks}. Fix the losses, or "
                              f"pass check_finite=False to skip this check (non-finite input then gives NaN).")
+    if group is not None:
+        raise NonFiniteError("the Jacobian holds NaN or Inf on another rank of the process group (this rank's "
+                             "shard is finite); pass check_finite=False to skip this check")
 
 
 def _eager_checks(check_finite: bool) -> bool:
@@ -258,28 +263,32 @@ def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch
     return w
 
 
-def _gramian(leaves: list[torch.Tensor], check_finite: bool) -> torch.Tensor:
+def _gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:
     detached = [leaf.detach() for leaf in leaves]
     rescue = check_finite or detached[0].device.type == "cpu"
     g = gramian_op(detached, rescue)
+    if group is not None:  # parameter shards: G = Σ_ranks J_r J_rᵀ, the only thing that travels
+        g = distributed.all_reduce_sum(g, group)
     if accumulation_dtype([leaf.dtype for leaf in leaves]) != torch.float64:
         g = nearest_psd(g)  # float32 accumulation can leave G a hair indefinite
     return g
 
 
-def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool) -> torch.Tensor:
-    g = _gramian(leaves, check_finite)
+def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:
+    g = _gramian(leaves, check_finite, group)
+    # After the all-reduce every rank sees the same G, so every rank raises or none does.
     if _eager_checks(check_finite) and not bool(torch.isfinite(torch.diagonal(g)).all()):
-        _raise_non_finite(leaves)
+        _raise_non_finite(leaves, group)
     return g
 
 
 def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: bool,
-             force_gramian: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             group: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(w in float64, G if it was formed)."""
     k, device = leaves[0].shape[0], leaves[0].device
-    formed = plan.uses_gramian or normalize is not None or force_gramian
-    g = _checked_gramian(leaves, check_finite) if formed else torch.zeros(k, k, dtype=torch.float64, device=device)
+    formed = plan.uses_gramian or normalize is not None
+    g = (_checked_gramian(leaves, check_finite, group) if formed
+         else torch.zeros(k, k, dtype=torch.float64, device=device))
     w = _weights_from_g(plan, g, normalize)
     if formed:
         # Non-finite input must never give a finite answer, whatever a solver did with it.
@@ -292,7 +301,8 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
 
 def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
               generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
-              grad_normalizer: Normalizer = None, check_finite: bool = True, **options: Any) -> Any:
+              grad_normalizer: Normalizer = None, check_finite: bool = True, group: Any = None,
+              **options: Any) -> Any:
     """Combines K task gradients into one: ``d = Σ_i w_i g_i`` for a weighting method.
 
     Args:
@@ -313,6 +323,9 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         check_finite: in eager mode, raise ``NonFiniteError`` naming the tasks whose gradients hold
             NaN or Inf (one flag is read per call). Off, or under ``torch.compile``, non-finite input
             gives NaN output, never a finite number.
+        group: a ``torch.distributed`` process group whose ranks each hold some columns (parameter
+            shards) of J: the K x K Gramian is all-reduced and each rank returns its shard of the
+            result. See ``gradagg.distributed``.
         **options: the method's options, see ``gradagg.methods()``.
 
     Returns:
@@ -321,45 +334,66 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         held constant.
     """
     leaves, tree, k = _flatten(jac)
-    plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
+    device = leaves[0].device
+    plan = _make_plan(method, k, device, normalize, generator, state, losses, grad_normalizer, options)
+    group = _distribute(plan, group, device)
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if plan.tail is None:
-        w, g = _weights(leaves, plan, normalize, check_finite)
+        w, g = _weights(leaves, plan, normalize, check_finite, group)
         wd = w.to(dtype)
         out = [(wd @ _rows(leaf, dtype)).to(leaf.dtype).reshape(leaf.shape[1:]) for leaf in leaves]
         if g is None and _eager_checks(check_finite):
-            _check_output(out, leaves)
+            _check_output(out, leaves, group)
         return pytree.tree_unflatten(out, tree)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:
-        c = _coefficients(plan, _gramian(leaves, check_finite)).to(dtype)
+        c = _coefficients(plan, _gramian(leaves, check_finite, group)).to(dtype)
         rows = [c @ r for r in rows]
-    ctx = Context(generator=plan.generator, losses=plan.losses)
+    gen = plan.generator
+    if group is not None and plan.tail.method.random:  # per-coordinate draws: a stream per rank
+        gen = distributed.coordinate_generator(gen, group, device)
+    ctx = Context(generator=gen, losses=plan.losses)
     combined = plan.tail.method.combine(rows, ctx, **plan.tail.options)
     if normalize == "sum":
         original = [_rows(leaf, dtype) for leaf in leaves]
-        target = torch.stack([r.sum(0).square().sum() for r in original]).sum().sqrt()
-        norm = torch.stack([c.square().sum() for c in combined]).sum().sqrt()
-        scale = torch.where(norm > 0, target / torch.where(norm > 0, norm, 1.0), 0.0)
+        squares = torch.stack([torch.stack([r.sum(0).square().sum() for r in original]).sum(),
+                               torch.stack([c.square().sum() for c in combined]).sum()]).to(torch.float64)
+        if group is not None:
+            squares = distributed.all_reduce_sum(squares, group)
+        target, norm = squares.sqrt()
+        scale = torch.where(norm > 0, target / torch.where(norm > 0, norm, 1.0), 0.0).to(dtype)
         combined = [c * scale for c in combined]
     out = [c.to(leaf.dtype).reshape(leaf.shape[1:]) for c, leaf in zip(combined, leaves)]
     if _eager_checks(check_finite):
-        _check_output(combined, leaves)
+        _check_output(combined, leaves, group)
     return pytree.tree_unflatten(out, tree)
 
 
-def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:
+def _distribute(plan: _Plan, group: Any, device: torch.device) -> Any:
+    """Validates ``group``; gives random methods a generator that draws alike on every rank."""
+    group = distributed.check_group(group)
+    random = any(step.method.random for step in plan.steps) or (plan.tail is not None and plan.tail.method.random)
+    if group is not None and random:
+        plan.generator = distributed.shared_generator(plan.generator, group, device)
+    return group
+
+
+def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: Any = None) -> None:
     """Where G was not formed: every result here (wᵀJ, and graddrop and the trimmed mean, which
     start from column sums) turns a NaN or Inf of J into a non-finite entry, and one sum reads
     that in a pass over the output, far cheaper than a pass over J. Only then is J searched, to
     name the tasks (an overflow of a finite J finds none and passes)."""
-    if not bool(torch.isfinite(torch.stack([o.detach().float().sum() for o in out]).sum())):
-        _raise_non_finite(leaves)
+    bad = not bool(torch.isfinite(torch.stack([o.detach().float().sum() for o in out]).sum()))
+    if group is not None:
+        bad = distributed.any_flag(bad, group, leaves[0].device)
+    if bad:
+        _raise_non_finite(leaves, group)
 
 
 def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
-            grad_normalizer: Normalizer = None, check_finite: bool = True, **options: Any) -> torch.Tensor:
+            grad_normalizer: Normalizer = None, check_finite: bool = True, group: Any = None,
+            **options: Any) -> torch.Tensor:
     """The weights w [K] such that ``aggregate`` returns Σ_i w_i g_i (weighting methods and chains).
 
     Takes the same arguments as ``aggregate`` and advances a state the same way. Returns a
@@ -369,7 +403,8 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     leaves, _, k = _flatten(jac)
     plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
-    w, _ = _weights(leaves, plan, normalize, check_finite)
+    group = _distribute(plan, group, leaves[0].device)
+    w, _ = _weights(leaves, plan, normalize, check_finite, group)
     return w
 
 
@@ -400,14 +435,14 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     return _weights_from_g(plan, g, normalize) + 0.0 * g.sum()
 
 
-def gramian(jac: Any, *, check_finite: bool = True) -> torch.Tensor:
+def gramian(jac: Any, *, check_finite: bool = True, group: Any = None) -> torch.Tensor:
     """The K x K Gramian G = J Jᵀ = Σ_leaves J_l J_lᵀ, in float64 on jac's device.
 
     Accumulated leaf by leaf (no K x D copy) in float32 (float64 for float64 input), and formed
     again with exact power-of-two scaling when squares would overflow or underflow float32.
     """
     leaves, _, _ = _flatten(jac)
-    return _checked_gramian(leaves, check_finite)
+    return _checked_gramian(leaves, check_finite, distributed.check_group(group))
 
 
 def init(method: Any, num_tasks: int, *, device: torch.device | str | None = None,
