@@ -10,8 +10,9 @@ uᵀGu = r². Its solution u(λ) is piecewise linear, and ψ(λ) = u(λ)ᵀG u(�
 is found by a safeguarded search: on the free set of the current u(λ), ψ is an explicit quadratic
 in λ whose root is taken when it lies inside the bracket of known values, bisection otherwise.
 Once λ lands on the right piece the root is exact. Then d's weights are 1/K + r u / ‖Jᵀu‖.
-The search runs on A + εI (ε = 1e-10, unit-diagonal scaling); on rank-deficient Gramians that
-perturbs the optimal value by up to ~1e-7 of max‖g_i‖·‖g0‖ (no proximal refinement here yet).
+The search runs on A + εI (ε = 1e-12, unit-diagonal scaling); on nearly singular Gramians that
+perturbs the optimal value by a small fraction (below 1e-6 in the tests) of max‖g_i‖·‖g0‖; there
+is no proximal refinement here yet.
 
 When the minimum is attained at Jᵀw* = 0 (0 lies in the hull of the gradients and the ball
 reaches the dual cone) the formula for d is undefined: every d of the ball with min_i g_i·d = 0 is
@@ -30,7 +31,7 @@ from ..solvers._loop import all_done, can_stop_early, guard, opaque
 from ..solvers.active_set import _masked_solve
 from .dual_cone import project_dual_cone
 
-EPS = 1e-10
+EPS = 1e-12
 MAX_OUTER = 60
 
 

@@ -2,8 +2,8 @@
 descent".
 
 Each row scores the sum of its K − f − 2 smallest squared distances to the other rows, with
-‖g_i − g_j‖² = G_ii + G_jj − 2G_ij; the m lowest-scoring rows are averaged (ties go to the lower
-index).
+‖g_i − g_j‖² = G_ii + G_jj − 2G_ij; the m lowest-scoring rows are averaged. Scores that agree to
+36 significant bits (about 1e-11 relative) are ties, which go to the lower index.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ def _krum(g: torch.Tensor, ctx: Context, f: int, m: int) -> torch.Tensor:
     dist = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * g).clamp_min(0)
     dist = dist + torch.diag(torch.full_like(diag, float("inf")))
     scores = dist.sort(-1).values[:, : k - f - 2].sum(-1)
-    chosen = scores.topk(m, largest=False).indices
+    # Scores equal up to rounding (e.g. the two rows of a mutual nearest pair) count as ties, broken
+    # by the lower index, so that the choice does not depend on the rounding of G.
+    mantissa, exponent = torch.frexp(scores)
+    quantised = torch.ldexp(torch.round(mantissa * 2.0**36) / 2.0**36, exponent)  # 36 significant bits
+    chosen = torch.sort(quantised, stable=True).indices[:m]
     return torch.zeros_like(diag).scatter(0, chosen, 1.0 / m)
 
 
