@@ -269,6 +269,9 @@ def _gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) 
     g = gramian_op(detached, rescue)
     if group is not None:  # parameter shards: G = Σ_ranks J_r J_rᵀ, the only thing that travels
         g = distributed.all_reduce_sum(g, group)
+    # BLAS may sum G_ij and G_ji in different orders: in float32 they differ in the 7th digit, and
+    # the solvers read one triangle in one place and the other in another.
+    g = 0.5 * (g + g.T)
     if accumulation_dtype([leaf.dtype for leaf in leaves]) != torch.float64:
         g = nearest_psd(g)  # float32 accumulation can leave G a hair indefinite
     return g
@@ -430,6 +433,7 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     g = gramian.detach().to(torch.float64)
     if _eager_checks(check_finite) and not bool(torch.isfinite(g).all()):
         raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
+    g = 0.5 * (g + g.T)
     if gramian.dtype != torch.float64:
         g = nearest_psd(g)
     return _weights_from_g(plan, g, normalize) + 0.0 * g.sum()
