@@ -41,7 +41,9 @@ def test_permuting_tasks_permutes_weights(device, method, case, data):
                          + ["trimmed_mean"])
 @given(case=cases(max_k=8, kinds=("random", "norm_spread", "orthogonal")), power=st.integers(-6, 6))
 def test_scaling_scales_result(device, method, case, power):
-    assume(not (method == "aligned_mtl" and case.kind == "norm_spread"))  # see the permutation test
+    # Aligned-MTL: see the permutation test. Krum: with norms spread over 1e12 its distances
+    # cancel, and near-ties in its scores may be broken differently at another scale.
+    assume(not (method in ("aligned_mtl", "krum") and case.kind == "norm_spread"))
     j = case.tensor(device)
     s = 10.0**power
     d = npy(run(method, j))
@@ -68,6 +70,8 @@ def test_fairgrad_scaling_law(device, case, power, alpha):
 def test_pytree_equals_flat(device, method, case, seed):
     """A dict of leaves (as vmap(grad) returns it) gives the flat result, split the same way."""
     assume(case.d >= 3 and not (method == "aligned_mtl" and case.kind == "norm_spread"))
+    # FairGrad with D < K: G is singular and the regularised weights (~ε^(-1/2)) amplify rounding.
+    assume(not (method == "fairgrad" and case.d < case.k))
     j = case.tensor(device)
     cut1, cut2 = 1, case.d // 2 + 1
     tree = {"w": j[:, :cut1].reshape(case.k, 1, 1), "b": [j[:, cut1:cut2], (j[:, cut2:].reshape(case.k, -1, 1),)]}
