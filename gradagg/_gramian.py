@@ -28,10 +28,13 @@ def _as_rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
-def _fast(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """Σ_l J_l J_lᵀ accumulated leaf by leaf, each leaf first multiplied by the ``factors`` in turn."""
     g = None
     for leaf in leaves:
         rows = _as_rows(leaf, dtype)
+        for factor in factors:
+            rows = rows * factor
         g = rows @ rows.T if g is None else g.addmm_(rows, rows.T)
     return g
 
@@ -43,11 +46,7 @@ def _rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     # 2^-e may not be representable in float32 (e down to -149), its two halves are.
     half = torch.exp2(-torch.floor(exponent / 2)).to(dtype)
     rest = torch.exp2(-exponent + torch.floor(exponent / 2)).to(dtype)
-    g = None
-    for leaf in leaves:
-        rows = _as_rows(leaf, dtype) * half * rest
-        g = rows @ rows.T if g is None else g.addmm_(rows, rows.T)
-    return g.to(torch.float64) * torch.exp2(2.0 * exponent)
+    return _fast(leaves, dtype, (half, rest)).to(torch.float64) * torch.exp2(2.0 * exponent)
 
 
 def needs_rescale(g: torch.Tensor) -> torch.Tensor:
