@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, Option, choice, real_at_least, register
-from ..solvers import nnqp, scaled_gramian
+from ..solvers import native, nnqp, scaled_gramian
 from ..solvers._loop import all_done, can_stop_early, guard, opaque
 from ..solvers.active_set import _masked_solve
 from .dual_cone import project_dual_cone
@@ -84,6 +84,8 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
 
 def _cagrad_impl(g: torch.Tensor, c: float) -> torch.Tensor:
     """``cagrad_direction_weights`` as one opaque operator for compiled graphs."""
+    if native.usable(g):
+        return native.cagrad(g, c, MAX_OUTER)
     return cagrad_direction_weights(g, c)
 
 

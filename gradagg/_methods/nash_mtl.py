@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, Option, optional_positive_real, positive_int, register
-from ..solvers import scaled_gramian, solve_barrier
+from ..solvers import native, scaled_gramian, solve_barrier
 from ..solvers._loop import can_stop_early, guard, opaque
 from ..solvers.barrier import MAX_ITER
 from ..state import NashMTLState
@@ -35,6 +35,8 @@ def _nash_impl(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor)
     nonzero = torch.diagonal(g) > 0
     have = (previous > 0).all()
     start = torch.where(have & nonzero, previous / s, 1.0)
+    if native.usable(a):
+        return torch.where(nonzero, s * native.barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER), 0.0)
     u, converged = solve_barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER)
     alpha = torch.where(nonzero, s * u, 0.0)
     return torch.where(recompute, guard(alpha, converged, "Nash-MTL's Newton solver", a), previous)

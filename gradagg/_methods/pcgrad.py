@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, register
+from ..solvers import native
 
 
 def random_orders(k: int, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -28,6 +29,8 @@ def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.T
     diag = torch.diagonal(g)
     safe = torch.where(diag > 0, diag, 1.0)
     order = random_orders(k, g, generator)
+    if native.usable(g) and not torch.compiler.is_compiling():
+        return native.pcgrad(g, order)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
     for t in range(k - 1):
         j = order[:, t]

@@ -1,0 +1,665 @@
+/*
+ * gradagg._kkt: the K x K solvers of gradagg for host memory, in C.
+ *
+ * The same algorithms as the torch implementations in gradagg/solvers (the reference, used on
+ * other devices and when this module is not built): on CPU each torch operation on a K x K matrix
+ * costs microseconds of dispatch, and a solver makes hundreds of them, while the arithmetic takes
+ * nanoseconds. Everything here is double precision on row-major, contiguous buffers whose
+ * addresses the Python side passes as integers (tensor.data_ptr()) after checking dtype, device
+ * and layout.
+ *
+ * Status codes returned to Python: 0 every problem converged; 1 the problem holds NaN or Inf (the
+ * outputs are NaN); 2 some problem ran out of its iteration budget; 3 out of memory.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define OK 0
+#define NONFINITE 1
+#define UNCONVERGED 2
+#define NOMEM 3
+
+/* Relative tolerance of the sign tests of the active-set method (solvers.active_set.SIGN_TOL). */
+static const double SIGN_TOL = 1e-11;
+
+static int all_finite(const double *x, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+static void fill_nan(double *x, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) x[i] = NAN;
+}
+
+/* In-place Cholesky factor (lower triangle) of the n x n row-major m; nonzero if not positive definite. */
+static int cholesky(double *m, int n) {
+    for (int j = 0; j < n; j++) {
+        double d = m[j * n + j];
+        const double *rj = m + (size_t)j * n;
+        for (int p = 0; p < j; p++) d -= rj[p] * rj[p];
+        if (!(d > 0.0)) return 1;
+        d = sqrt(d);
+        m[j * n + j] = d;
+        for (int i = j + 1; i < n; i++) {
+            double *ri = m + (size_t)i * n;
+            double s = ri[j];
+            for (int p = 0; p < j; p++) s -= ri[p] * rj[p];
+            ri[j] = s / d;
+        }
+    }
+    return 0;
+}
+
+/* Solves L Lᵀ x = b in place for the factor of ``cholesky``. */
+static void cholesky_solve(const double *l, int n, double *x) {
+    for (int i = 0; i < n; i++) {
+        double s = x[i];
+        for (int p = 0; p < i; p++) s -= l[i * n + p] * x[p];
+        x[i] = s / l[i * n + i];
+    }
+    for (int i = n - 1; i >= 0; i--) {
+        double s = x[i];
+        for (int p = i + 1; p < n; p++) s -= l[p * n + i] * x[p];
+        x[i] = s / l[i * n + i];
+    }
+}
+
+/* Work space of the masked solves: an index list, a factor and a right-hand side. */
+typedef struct {
+    int k;
+    int *idx;
+    double *m;
+    double *rhs;
+} Masked;
+
+static int masked_init(Masked *w, int k) {
+    w->k = k;
+    w->idx = malloc(sizeof(int) * (size_t)k);
+    w->m = malloc(sizeof(double) * (size_t)k * (size_t)k);
+    w->rhs = malloc(sizeof(double) * (size_t)k);
+    return w->idx && w->m && w->rhs;
+}
+
+static void masked_free(Masked *w) {
+    free(w->idx);
+    free(w->m);
+    free(w->rhs);
+}
+
+/* Factors A_FF for the free set F; returns its size, or -1 if A_FF is not positive definite. */
+static int masked_factor(Masked *w, const double *a, const unsigned char *free_) {
+    int k = w->k, n = 0;
+    for (int i = 0; i < k; i++)
+        if (free_[i]) w->idx[n++] = i;
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c <= r; c++) w->m[r * n + c] = a[(size_t)w->idx[r] * k + w->idx[c]];
+    return cholesky(w->m, n) ? -1 : n;
+}
+
+/* z = (A_FF⁻¹ q_F on F, 0 elsewhere) with the factor of ``masked_factor`` (n = |F|). */
+static void masked_apply(Masked *w, int n, const double *q, double *z) {
+    for (int r = 0; r < n; r++) w->rhs[r] = q[w->idx[r]];
+    cholesky_solve(w->m, n, w->rhs);
+    memset(z, 0, sizeof(double) * (size_t)w->k);
+    for (int r = 0; r < n; r++) z[w->idx[r]] = w->rhs[r];
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Nonnegative QP  min ½ yᵀAy − qᵀy, y ≥ 0: block principal pivoting, handing over to Lawson–Hanson
+ * after three iterations without fewer violations (see gradagg/solvers/active_set.py, which this
+ * follows step for step for one problem of the batch).
+ */
+typedef struct {
+    int k;
+    Masked ms;
+    double *z, *descent, *tol, *ratio, *stepped, *lh_y, *abs_a, *unit, *yv;
+    unsigned char *work, *blocked, *added, *bad, *lh_work, *start_work, *pivot_work;
+} Nnqp;
+
+static int nnqp_init(Nnqp *s, int k, const double *a) {
+    memset(s, 0, sizeof(*s));
+    s->k = k;
+    if (!masked_init(&s->ms, k)) return 0;
+    double **dv[] = {&s->z, &s->descent, &s->tol, &s->ratio, &s->stepped, &s->lh_y, &s->unit, &s->yv};
+    for (size_t i = 0; i < sizeof(dv) / sizeof(dv[0]); i++)
+        if (!(*dv[i] = malloc(sizeof(double) * (size_t)k))) return 0;
+    unsigned char **bv[] = {&s->work, &s->blocked, &s->added, &s->bad, &s->lh_work, &s->start_work, &s->pivot_work};
+    for (size_t i = 0; i < sizeof(bv) / sizeof(bv[0]); i++)
+        if (!(*bv[i] = malloc((size_t)k))) return 0;
+    if (!(s->abs_a = malloc(sizeof(double) * (size_t)k * (size_t)k))) return 0;
+    for (size_t i = 0; i < (size_t)k * (size_t)k; i++) s->abs_a[i] = fabs(a[i]);
+    for (int i = 0; i < k; i++) s->unit[i] = a[(size_t)i * k + i] > 0.5 ? 1.0 : 0.0;
+    return 1;
+}
+
+static void nnqp_free(Nnqp *s) {
+    masked_free(&s->ms);
+    double *dv[] = {s->z, s->descent, s->tol, s->ratio, s->stepped, s->lh_y, s->unit, s->yv, s->abs_a};
+    for (size_t i = 0; i < sizeof(dv) / sizeof(dv[0]); i++) free(dv[i]);
+    unsigned char *bv[] = {s->work, s->blocked, s->added, s->bad, s->lh_work, s->start_work, s->pivot_work};
+    for (size_t i = 0; i < sizeof(bv) / sizeof(bv[0]); i++) free(bv[i]);
+}
+
+/* One problem. y0 (may be NULL) warm-starts; the solution goes to out. Returns 1 if it converged
+ * (out = the clamped solution), 0 if not (out = 0). */
+static int nnqp_one(Nnqp *s, const double *a, const double *q, const double *qscale, const double *y0,
+                    int max_iter, double *out) {
+    const int k = s->k;
+    double *y = s->yv, *z = s->z;
+    for (int i = 0; i < k; i++) {
+        s->work[i] = y0 ? y0[i] > 0.0 : q[i] > 0.0;
+        y[i] = y0 ? (y0[i] > 0.0 ? y0[i] : 0.0) : 0.0;
+        s->blocked[i] = s->added[i] = 0;
+    }
+    int lawson = 0, best = k + 1, backups = 3;
+    memset(out, 0, sizeof(double) * (size_t)k);
+    for (int it = 0; it < max_iter; it++) {
+        int n = masked_factor(&s->ms, a, s->work);
+        if (n < 0) return 0;
+        masked_apply(&s->ms, n, q, z);
+        double noise = 0.0;
+        for (int i = 0; i < k; i++) noise += fabs(z[i]) * s->unit[i];
+        int nbad = 0;
+        for (int j = 0; j < k; j++) {
+            const double *aj = a + (size_t)j * k, *abs_aj = s->abs_a + (size_t)j * k;
+            double az = 0.0, absaz = 0.0;
+            for (int i = 0; i < k; i++) {
+                az += z[i] * aj[i];
+                absaz += fabs(z[i]) * abs_aj[i];
+            }
+            s->descent[j] = q[j] - az;
+            s->tol[j] = SIGN_TOL * (s->unit[j] * noise + absaz + qscale[j]) + DBL_MIN;
+            int negative = s->work[j] && z[j] < 0.0;
+            double bar = s->blocked[j] ? 1e3 * s->tol[j] : s->tol[j];
+            s->bad[j] = negative || (!s->work[j] && s->descent[j] > bar);
+            nbad += s->bad[j];
+        }
+        if (nbad == 0) {
+            for (int i = 0; i < k; i++) out[i] = z[i] > 0.0 ? z[i] : 0.0;
+            return 1;
+        }
+        if (nbad < best) backups = 3; else backups -= 1;
+        if (nbad < best) best = nbad;
+        int do_switch = !lawson && backups < 0;
+        for (int i = 0; i < k; i++) s->pivot_work[i] = s->work[i] ^ s->bad[i];
+        if (do_switch)
+            for (int i = 0; i < k; i++) y[i] = (s->work[i] && z[i] > 0.0) ? z[i] : 0.0;
+        int feasible = 1, bounced = 0, kept = 0;
+        for (int i = 0; i < k; i++) {
+            s->start_work[i] = y[i] > 0.0;
+            if (s->work[i] && z[i] <= 0.0) feasible = 0;
+            if (s->added[i] && z[i] <= 0.0) bounced = 1;
+            if (s->added[i] && z[i] > 0.0) kept = 1;
+        }
+        if (lawson) {
+            for (int i = 0; i < k; i++) s->blocked[i] = kept ? 0 : (s->blocked[i] || (bounced && s->added[i]));
+        }
+        /* The steepest descent beyond its own tolerance (first index on ties, like argmax). */
+        int add = -1;
+        double top = -INFINITY;
+        for (int i = 0; i < k; i++) {
+            double gain = (s->work[i] || s->blocked[i]) ? -INFINITY : s->descent[i] - s->tol[i];
+            if (add < 0 || gain > top) {
+                top = gain;
+                add = i;
+            }
+        }
+        if (!(top > 0.0)) add = -1;
+        double alpha = INFINITY;
+        for (int i = 0; i < k; i++) {
+            if (s->work[i] && z[i] <= 0.0) {
+                double den = y[i] - z[i];
+                s->ratio[i] = y[i] / (den > DBL_MIN ? den : DBL_MIN);
+            } else {
+                s->ratio[i] = INFINITY;
+            }
+            if (s->ratio[i] < alpha) alpha = s->ratio[i];
+        }
+        alpha = alpha < 0.0 ? 0.0 : (alpha > 1.0 ? 1.0 : alpha);
+        for (int i = 0; i < k; i++) {
+            s->stepped[i] = y[i] + alpha * (z[i] - y[i]);
+            if (feasible) {
+                s->lh_y[i] = z[i];
+                s->lh_work[i] = s->work[i] || i == add;
+            } else {
+                s->lh_y[i] = s->stepped[i];
+                s->lh_work[i] = s->work[i] && s->stepped[i] > 0.0 && !(alpha == s->ratio[i]);
+            }
+            s->lh_y[i] *= s->lh_work[i];
+        }
+        if (do_switch) {
+            for (int i = 0; i < k; i++) {
+                s->lh_y[i] = y[i];
+                s->lh_work[i] = s->start_work[i];
+            }
+        }
+        lawson = lawson || do_switch;
+        for (int i = 0; i < k; i++) s->added[i] = (feasible && lawson && !do_switch) ? i == add : 0;
+        if (lawson) {
+            memcpy(y, s->lh_y, sizeof(double) * (size_t)k);
+            memcpy(s->work, s->lh_work, (size_t)k);
+        } else {
+            memcpy(s->work, s->pivot_work, (size_t)k);
+        }
+    }
+    return 0;
+}
+
+/* The NNQP for A + diag(reg) and q, then up to ``refine`` proximal-point steps (solvers.active_set.
+ * refined_nnqp), each problem stopping its refinement once a step moves it by ≤ 1e-9 of its size. */
+static int nnqp_refined(Nnqp *s, const double *a, const double *q, const double *reg, const double *qscale,
+                        int max_iter, int refine, double *y, double *prox_q, double *prev) {
+    const int k = s->k;
+    int converged = nnqp_one(s, a, q, qscale, NULL, max_iter, y);
+    for (int r = 0; r < refine; r++) {
+        memcpy(prev, y, sizeof(double) * (size_t)k);
+        for (int i = 0; i < k; i++) prox_q[i] = q[i] + reg[i] * prev[i];
+        converged &= nnqp_one(s, a, prox_q, qscale, prev, max_iter, y);
+        double big = 0.0;
+        int moved = 0;
+        for (int i = 0; i < k; i++) big = fabs(y[i]) > big ? fabs(y[i]) : big;
+        for (int i = 0; i < k; i++) moved |= !(fabs(y[i] - prev[i]) <= 1e-9 * big);
+        if (!moved) break;
+    }
+    return converged;
+}
+
+/* nnqp(a, q, reg, qscale, y, converged, b, k, max_iter, refine) -> status */
+static PyObject *py_nnqp(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "nnqp takes 10 arguments");
+        return NULL;
+    }
+    void *ptr[6];
+    for (int i = 0; i < 6; i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[i]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long b = PyLong_AsLong(args[6]), k = PyLong_AsLong(args[7]);
+    long max_iter = PyLong_AsLong(args[8]), refine = PyLong_AsLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    const double *a = ptr[0], *q = ptr[1], *reg = ptr[2], *qscale = ptr[3];
+    double *y = ptr[4];
+    unsigned char *conv = ptr[5];
+    if (!all_finite(a, (Py_ssize_t)k * k) || !all_finite(q, (Py_ssize_t)b * k)) {
+        fill_nan(y, (Py_ssize_t)b * k);
+        memset(conv, 0, (size_t)b);
+        return PyLong_FromLong(NONFINITE);
+    }
+    Nnqp s;
+    double *buf = malloc(sizeof(double) * 2 * (size_t)k);
+    int status = OK;
+    if (!buf || !nnqp_init(&s, (int)k, a)) {
+        status = NOMEM;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        for (long p = 0; p < b; p++) {
+            conv[p] = (unsigned char)nnqp_refined(&s, a, q + p * k, reg, qscale + p * k, (int)max_iter, (int)refine,
+                                                  y + p * k, buf, buf + k);
+            if (!conv[p]) status = UNCONVERGED;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    nnqp_free(&s);
+    free(buf);
+    return PyLong_FromLong(status);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Newton's method for A u = c ⊙ u^(−β), u > 0 (gradagg/solvers/barrier.py, step for step).
+ */
+#define TRIALS 31
+static const double RESIDUAL_TOL = 1e-14, CONVERGED_TOL = 1e-6;
+
+static double phi(double u, double beta) { return beta == 1.0 ? log(u) : pow(u, 1.0 - beta) / (1.0 - beta); }
+
+static double objective(const double *a, const double *c, const double *u, int k, double beta) {
+    double quad = 0.0, barrier = 0.0;
+    for (int i = 0; i < k; i++) {
+        double au = 0.0;
+        for (int j = 0; j < k; j++) au += u[j] * a[(size_t)j * k + i];
+        quad += au * u[i];
+        barrier += c[i] * phi(u[i], beta);
+    }
+    return 0.5 * quad - barrier;
+}
+
+static double residual(const double *a, const double *c, const double *u, int k, double beta) {
+    double worst = 0.0;
+    for (int i = 0; i < k; i++) {
+        double au = 0.0, absau = 0.0;
+        for (int j = 0; j < k; j++) {
+            au += u[j] * a[(size_t)j * k + i];
+            absau += u[j] * fabs(a[(size_t)j * k + i]);
+        }
+        double rhs = c[i] * pow(u[i], -beta);
+        double r = fabs(au - rhs) / (absau + rhs);
+        if (isnan(r)) return NAN;
+        if (r > worst) worst = r;
+    }
+    return worst;
+}
+
+/* Solves M x = b (n x n, row-major, destroyed) by Gaussian elimination with partial pivoting;
+ * nonzero if M is singular. */
+static int lu_solve(double *m, double *x, int n) {
+    for (int col = 0; col < n; col++) {
+        int piv = col;
+        for (int r = col + 1; r < n; r++)
+            if (fabs(m[r * n + col]) > fabs(m[piv * n + col])) piv = r;
+        if (m[piv * n + col] == 0.0) return 1;
+        if (piv != col) {
+            for (int c = 0; c < n; c++) {
+                double t = m[col * n + c];
+                m[col * n + c] = m[piv * n + c];
+                m[piv * n + c] = t;
+            }
+            double t = x[col];
+            x[col] = x[piv];
+            x[piv] = t;
+        }
+        for (int r = col + 1; r < n; r++) {
+            double f = m[r * n + col] / m[col * n + col];
+            if (f == 0.0) continue;
+            for (int c = col; c < n; c++) m[r * n + c] -= f * m[col * n + c];
+            x[r] -= f * x[col];
+        }
+    }
+    for (int r = n - 1; r >= 0; r--) {
+        double s = x[r];
+        for (int c = r + 1; c < n; c++) s -= m[r * n + c] * x[c];
+        x[r] = s / m[r * n + r];
+    }
+    return 0;
+}
+
+/* Returns 1 if converged; the best iterate goes to best. */
+static int barrier_solve(const double *a, const double *c, const double *u0, int k, double beta, int max_iter,
+                         double *best, double *work) {
+    double *u = work, *grad = u + k, *step = grad + k, *trial = step + k, *full = trial + k, *chosen = full + k,
+           *hess = chosen + k;
+    memcpy(u, u0, sizeof(double) * (size_t)k);
+    memcpy(best, u0, sizeof(double) * (size_t)k);
+    double best_res = residual(a, c, u0, k, beta);
+    int done = best_res <= RESIDUAL_TOL;
+    for (int it = 0; it < max_iter && !done; it++) {
+        for (int i = 0; i < k; i++) {
+            double au = 0.0;
+            for (int j = 0; j < k; j++) au += u[j] * a[(size_t)j * k + i];
+            double upow = pow(u[i], -beta);
+            grad[i] = au - c[i] * upow;
+            for (int j = 0; j < k; j++) hess[(size_t)i * k + j] = a[(size_t)i * k + j];
+            hess[(size_t)i * k + i] += beta * c[i] * pow(u[i], -beta - 1.0);
+            step[i] = grad[i];
+        }
+        if (lu_solve(hess, step, k)) {
+            for (int i = 0; i < k; i++) step[i] = NAN;
+        }
+        double slope = 0.0;
+        for (int i = 0; i < k; i++) {
+            step[i] = -step[i];
+            slope += grad[i] * step[i];
+        }
+        double h_now = objective(a, c, u, k, beta);
+        int accepted = 0, positive0 = 1;
+        double length = 1.0;
+        for (int t = 0; t < TRIALS; t++, length *= 0.5) {
+            int positive = 1;
+            for (int i = 0; i < k; i++) {
+                trial[i] = u[i] + length * step[i];
+                if (!(trial[i] > 0.0)) positive = 0;
+            }
+            if (t == 0) {
+                positive0 = positive;
+                for (int i = 0; i < k; i++) full[i] = trial[i] > DBL_MIN ? trial[i] : DBL_MIN;
+            }
+            if (!positive) continue;
+            if (objective(a, c, trial, k, beta) <= h_now + 1e-4 * length * slope) {
+                memcpy(chosen, trial, sizeof(double) * (size_t)k);
+                accepted = 1;
+                break;
+            }
+        }
+        /* Near the root Armijo's test is rounding noise: take the full step when it halves the
+         * residual, or when nothing passed the test but it still lowers the residual. */
+        double res_now = residual(a, c, u, k, beta), res_full = residual(a, c, full, k, beta);
+        int polish = positive0 && ((res_full <= 0.5 * res_now) || (!accepted && res_full < res_now));
+        if (polish)
+            for (int i = 0; i < k; i++) chosen[i] = u[i] + step[i];
+        int stalled = !accepted && !polish;
+        if (!stalled) memcpy(u, chosen, sizeof(double) * (size_t)k);
+        double res = residual(a, c, u, k, beta);
+        if (res < best_res) {
+            memcpy(best, u, sizeof(double) * (size_t)k);
+            best_res = res;
+        }
+        done = stalled || res <= RESIDUAL_TOL;
+    }
+    return best_res <= CONVERGED_TOL;
+}
+
+/* barrier(a, c, u0, u, k, beta, max_iter) -> status */
+static PyObject *py_barrier(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "barrier takes 7 arguments");
+        return NULL;
+    }
+    void *ptr[4];
+    for (int i = 0; i < 4; i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[i]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long k = PyLong_AsLong(args[4]);
+    double beta = PyFloat_AsDouble(args[5]);
+    long max_iter = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    const double *a = ptr[0], *c = ptr[1], *u0 = ptr[2];
+    double *u = ptr[3];
+    if (!all_finite(a, (Py_ssize_t)k * k) || !all_finite(c, k) || !all_finite(u0, k)) {
+        fill_nan(u, k);
+        return PyLong_FromLong(NONFINITE);
+    }
+    double *work = malloc(sizeof(double) * ((size_t)k * (size_t)k + 6 * (size_t)k));
+    if (!work) return PyLong_FromLong(NOMEM);
+    int converged;
+    Py_BEGIN_ALLOW_THREADS
+    converged = barrier_solve(a, c, u0, (int)k, beta, (int)max_iter, u, work);
+    Py_END_ALLOW_THREADS
+    free(work);
+    return PyLong_FromLong(converged ? OK : UNCONVERGED);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * CAGrad's search for the multiplier λ (gradagg/_methods/cagrad.py, cagrad_direction_weights).
+ */
+#define CAGRAD_EPS 1e-12
+
+static int cagrad_solve(const double *g, int k, double cc, int max_outer, double *w, Nnqp *s, double *a,
+                        double *buf) {
+    double *sc = buf, *b = sc + k, *sb = b + k, *q = sb + k, *qscale = q + k, *y = qscale + k, *ynew = y + k,
+           *bsize = ynew + k, *ab0 = bsize + k, *ab1 = ab0 + k, *u = ab1 + k, *gn = u + k;
+    unsigned char *free_ = (unsigned char *)(gn + (size_t)k * k), *support = free_ + k;
+    double peak = 0.0;
+    for (int i = 0; i < k; i++) peak = g[(size_t)i * k + i] > peak ? g[(size_t)i * k + i] : peak;
+    if (peak < DBL_MIN) peak = DBL_MIN;
+    double total = 0.0, root_mean = 0.0;
+    for (int i = 0; i < k; i++) {
+        double row = 0.0;
+        for (int j = 0; j < k; j++) {
+            gn[(size_t)i * k + j] = g[(size_t)i * k + j] / peak;
+            row += gn[(size_t)i * k + j];
+        }
+        b[i] = row / k;
+        total += b[i];
+        double d = gn[(size_t)i * k + i];
+        root_mean += sqrt(d > 0.0 ? d : 0.0);
+    }
+    root_mean /= k;
+    double r = cc * sqrt(total > 0.0 ? total : 0.0) / sqrt((double)k), rr = r * r;
+    /* Unit-diagonal scaling (solvers.active_set.scaled_gramian with eps = 1e-12). */
+    for (int i = 0; i < k; i++) {
+        double d = gn[(size_t)i * k + i];
+        sc[i] = d > 0.0 ? 1.0 / sqrt(d) : 1.0;
+    }
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++) a[(size_t)i * k + j] = gn[(size_t)i * k + j] * sc[i] * sc[j];
+    for (int i = 0; i < k; i++) a[(size_t)i * k + i] += CAGRAD_EPS;
+    double lo = INFINITY;
+    for (int i = 0; i < k; i++) {
+        double d = gn[(size_t)i * k + i];
+        sb[i] = sc[i] * b[i];
+        bsize[i] = sqrt(d > 0.0 ? d : 0.0) * root_mean;
+        lo = b[i] < lo ? b[i] : lo;
+        y[i] = 0.0;
+        support[i] = 0;
+    }
+    /* The scaling changed A's entries: refresh the solver's copies of |A| and of the unit rows. */
+    for (size_t i = 0; i < (size_t)k * (size_t)k; i++) s->abs_a[i] = fabs(a[i]);
+    for (int i = 0; i < k; i++) s->unit[i] = a[(size_t)i * k + i] > 0.5 ? 1.0 : 0.0;
+    double hi = INFINITY, lam = lo + 1.0;
+    int done = rr <= 0.0;
+    for (int it = 0; it < max_outer && !done; it++) {
+        for (int i = 0; i < k; i++) {
+            q[i] = sc[i] * (lam - b[i]);
+            qscale[i] = sc[i] * (fabs(lam) + bsize[i]);
+        }
+        if (!nnqp_one(s, a, q, qscale, y, 3 * k + 30, ynew)) return UNCONVERGED;
+        double psi = 0.0;
+        for (int i = 0; i < k; i++) {
+            double ay = 0.0;
+            for (int j = 0; j < k; j++) ay += ynew[j] * a[(size_t)j * k + i];
+            psi += ay * ynew[i];
+            free_[i] = ynew[i] > 0.0;
+        }
+        if (psi < rr) lo = lam; else hi = lam;
+        /* The root of ψ on the current free set: ψ(λ) = λ² αᵀs − 2λ αᵀ(sb) + βᵀ(sb). */
+        int n = masked_factor(&s->ms, a, free_);
+        if (n < 0) return UNCONVERGED;
+        masked_apply(&s->ms, n, sc, ab0);
+        masked_apply(&s->ms, n, sb, ab1);
+        double qa = 0.0, qb = 0.0, qc = 0.0;
+        for (int i = 0; i < k; i++) {
+            qa += ab0[i] * sc[i];
+            qb += ab0[i] * sb[i];
+            qc += ab1[i] * sb[i];
+        }
+        double disc = qb * qb - qa * (qc - rr);
+        double root = (qb + sqrt(disc > 0.0 ? disc : 0.0)) / qa;
+        int inside = disc >= 0.0 && qa > 0.0 && root > lo && root < hi;
+        int same = 1;
+        for (int i = 0; i < k; i++) same &= free_[i] == support[i];
+        int settled = same && fabs(root - lam) <= 1e-13 * (fabs(lam) + fabs(lo) + 1.0);
+        done = fabs(psi - rr) <= 1e-12 * rr || settled;
+        memcpy(y, ynew, sizeof(double) * (size_t)k);
+        memcpy(support, free_, (size_t)k);
+        double fallback = isfinite(hi) ? 0.5 * (lo + hi) : lo + 2.0 * (lam - lo > 1.0 ? lam - lo : 1.0);
+        if (!done) lam = inside ? root : fallback;
+    }
+    if (!done) return UNCONVERGED;
+    for (int i = 0; i < k; i++) u[i] = sc[i] * y[i];
+    double norm_sq = 0.0;
+    for (int i = 0; i < k; i++) {
+        double gu = 0.0;
+        for (int j = 0; j < k; j++) gu += gn[(size_t)i * k + j] * u[j];
+        norm_sq += gu * u[i];
+    }
+    if (norm_sq < 0.0) norm_sq = 0.0;
+    double scale = norm_sq <= 0.0 ? 0.0 : r / sqrt(norm_sq > DBL_MIN ? norm_sq : DBL_MIN);
+    for (int i = 0; i < k; i++) w[i] = 1.0 / k + scale * u[i];
+    return OK;
+}
+
+/* cagrad(g, w, k, c, max_outer) -> status */
+static PyObject *py_cagrad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "cagrad takes 5 arguments");
+        return NULL;
+    }
+    const double *g = PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    double *w = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    long k = PyLong_AsLong(args[2]);
+    double cc = PyFloat_AsDouble(args[3]);
+    long max_outer = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (!all_finite(g, (Py_ssize_t)k * k)) {
+        fill_nan(w, k);
+        return PyLong_FromLong(NONFINITE);
+    }
+    size_t kk = (size_t)k * (size_t)k;
+    double *a = malloc(sizeof(double) * kk);
+    double *buf = malloc(sizeof(double) * (12 * (size_t)k + kk) + 2 * (size_t)k);
+    Nnqp s;
+    int status;
+    if (!a || !buf) {
+        memset(&s, 0, sizeof(s));
+        status = NOMEM;
+    } else {
+        for (size_t i = 0; i < kk; i++) a[i] = 0.0;
+        if (!nnqp_init(&s, (int)k, a)) {
+            status = NOMEM;
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            status = cagrad_solve(g, (int)k, cc, (int)max_outer, w, &s, a, buf);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    if (status != OK) fill_nan(w, k);
+    nnqp_free(&s);
+    free(a);
+    free(buf);
+    return PyLong_FromLong(status);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * PCGrad's coefficient matrix (gradagg/_methods/pcgrad.py): row i of C starts at e_i and, for each
+ * task j in order[i], loses (C_i·G_j / G_jj) e_j when that dot product is negative.
+ */
+/* pcgrad(g, order, c, k) -> status; order is int64 [K, K-1]. */
+static PyObject *py_pcgrad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "pcgrad takes 4 arguments");
+        return NULL;
+    }
+    const double *g = PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t *order = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    double *c = PyLong_AsVoidPtr(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    long k = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    for (long i = 0; i < k; i++) {
+        double *ci = c + i * k;
+        for (long j = 0; j < k; j++) ci[j] = i == j ? 1.0 : 0.0;
+        for (long t = 0; t < k - 1; t++) {
+            long j = (long)order[i * (k - 1) + t];
+            double gjj = g[j * k + j], dot = 0.0;
+            for (long m = 0; m < k; m++) dot += ci[m] * g[m * k + j];
+            if (dot < 0.0 && gjj > 0.0) ci[j] -= dot / gjj;
+        }
+    }
+    return PyLong_FromLong(OK);
+}
+
+static PyMethodDef methods[] = {
+    {"nnqp", (PyCFunction)(void (*)(void))py_nnqp, METH_FASTCALL, "Batched nonnegative QP (see gradagg.solvers)."},
+    {"barrier", (PyCFunction)(void (*)(void))py_barrier, METH_FASTCALL, "Newton for A u = c u^-beta."},
+    {"cagrad", (PyCFunction)(void (*)(void))py_cagrad, METH_FASTCALL, "CAGrad's direction weights."},
+    {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kkt", "gradagg's K x K solvers in C.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kkt(void) { return PyModule_Create(&module); }

@@ -1,0 +1,105 @@
+"""The C solvers of ``gradagg._kkt`` for host memory, behind the same interface as the torch ones.
+
+On CPU a torch operation on a K x K matrix costs a few microseconds of dispatch whatever K is, and
+an active-set or Newton solve makes hundreds of them: the C versions of the same algorithms run in
+microseconds. They are used for float64 CPU tensors whenever the extension is built (``pip install``
+compiles it; without a compiler it is skipped). Everything else, CUDA included, uses the torch
+solvers, which stay the reference and are tested against the same oracles.
+
+``GRADAGG_NATIVE=0`` in the environment, or ``with native.disabled():``, selects the torch solvers
+on CPU too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ._loop import SolverError
+
+try:
+    from .. import _kkt
+except ImportError:  # built without a C compiler: the torch solvers serve everywhere
+    _kkt = None
+
+_OK, _NONFINITE, _UNCONVERGED, _NOMEM = 0, 1, 2, 3
+_enabled = _kkt is not None and os.environ.get("GRADAGG_NATIVE", "1") != "0"
+
+
+def available() -> bool:
+    """Whether the C extension was built and imported."""
+    return _kkt is not None
+
+
+def enabled() -> bool:
+    """Whether CPU solves currently go to the C extension."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Runs the block with the torch solvers on CPU as well (to test or compare them)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the K x K problem held in ``t`` goes to the C solvers."""
+    return _enabled and t.device.type == "cpu" and t.dtype == torch.float64
+
+
+def _check(status: int, what: str) -> None:
+    if status == _UNCONVERGED:
+        raise SolverError(f"{what} did not converge within its iteration budget; please report this input")
+    if status == _NOMEM:
+        raise MemoryError(f"{what}: out of memory for its work space")
+
+
+def nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
+         qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``active_set.refined_nnqp`` followed by its guard: (y [B, K], converged [B])."""
+    b, k = q.shape
+    a, q = a.contiguous(), q.contiguous()
+    reg = reg.expand(k).contiguous()
+    qscale = qscale.expand(b, k).contiguous()
+    y = torch.empty((b, k), dtype=torch.float64)
+    converged = torch.empty(b, dtype=torch.bool)
+    status = _kkt.nnqp(a.data_ptr(), q.data_ptr(), reg.data_ptr(), qscale.data_ptr(), y.data_ptr(),
+                       converged.data_ptr(), b, k, max_iter, refine)
+    _check(status, "the nonnegative QP solver")
+    return y, converged
+
+
+def barrier(a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max_iter: int) -> torch.Tensor:
+    """``barrier.solve_barrier`` followed by its guard: u [K]."""
+    a, c, u0 = a.contiguous(), c.contiguous(), u0.contiguous()
+    u = torch.empty(u0.shape, dtype=torch.float64)
+    status = _kkt.barrier(a.data_ptr(), c.data_ptr(), u0.data_ptr(), u.data_ptr(), u0.shape[-1], float(beta),
+                          max_iter)
+    _check(status, "the Newton solver of A u = c u^(-beta)")
+    return u
+
+
+def cagrad(g: torch.Tensor, c: float, max_outer: int) -> torch.Tensor:
+    """CAGrad's direction weights (``_methods.cagrad.cagrad_direction_weights``)."""
+    g = g.contiguous()
+    k = g.shape[-1]
+    w = torch.empty(k, dtype=torch.float64)
+    _check(_kkt.cagrad(g.data_ptr(), w.data_ptr(), k, float(c), max_outer), "CAGrad's search for the multiplier")
+    return w
+
+
+def pcgrad(g: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """PCGrad's coefficient matrix for the given projection orders ([K, K-1], int64)."""
+    g, order = g.contiguous(), order.contiguous()
+    k = g.shape[-1]
+    c = torch.empty((k, k), dtype=torch.float64)
+    _kkt.pcgrad(g.data_ptr(), order.data_ptr(), c.data_ptr(), k)
+    return c
