@@ -8,6 +8,8 @@ detached weights.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,8 +17,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _methods, distributed  # noqa: F401  (_methods registers every method)
-from ._gramian import accumulation_dtype, gramian_op
+from ._gramian import accumulation_dtype, fast, gramian_op, rescaled
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
+from .solvers import native
 from .solvers.spectral import nearest_psd
 from .state import State
 
@@ -31,6 +34,11 @@ class NonFiniteError(ValueError):
 
 
 def _flatten(jac: Any) -> tuple[list[torch.Tensor], Any, int]:
+    """(leaves, tree spec (None for a single Tensor), K), validated."""
+    if type(jac) is torch.Tensor:  # the common case, without the pytree machinery
+        if jac.dim() == 0 or not jac.is_floating_point() or jac.shape[0] == 0:
+            return _flatten([jac])  # for the error message
+        return [jac], None, jac.shape[0]
     leaves, spec = pytree.tree_flatten(jac)
     if not leaves:
         raise ValueError("jac is empty: give a Tensor [K, ...] or a pytree of such tensors")
@@ -150,8 +158,26 @@ def _bind_states(steps: list[_Step], state: Any, k: int, device: torch.device) -
         step.state = st
 
 
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+
+
 def _make_plan(method: Any, k: int, device: torch.device, normalize: Any, generator: Any, state: Any,
                losses: Any, grad_normalizer: Any, options: dict[str, Any]) -> _Plan:
+    # A plain call (a method name, no options, state, losses or generator) is validated once.
+    plain = type(method) is str and not options and generator is None and state is None and losses is None
+    key = (method, k, device, normalize, grad_normalizer) if plain else None
+    if key is not None and key in _PLANS:
+        return _PLANS[key]
+    plan = _new_plan(method, k, device, normalize, generator, state, losses, grad_normalizer, options)
+    if key is not None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _new_plan(method: Any, k: int, device: torch.device, normalize: Any, generator: Any, state: Any,
+              losses: Any, grad_normalizer: Any, options: dict[str, Any]) -> _Plan:
     elements = _elements(method, options)
     if normalize not in (None, "sum"):
         raise ValueError(f"normalize must be None or 'sum', got {normalize!r}")
@@ -184,8 +210,47 @@ def _make_plan(method: Any, k: int, device: torch.device, normalize: Any, genera
 
 
 def _rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    rows = leaf.reshape(leaf.shape[0], -1)
+    rows = leaf if leaf.dim() == 2 else leaf.reshape(leaf.shape[0], -1)
     return rows if rows.dtype == dtype else rows.to(dtype)
+
+
+def _unflatten(out: list[torch.Tensor], tree: Any) -> Any:
+    return out[0] if tree is None else pytree.tree_unflatten(out, tree)
+
+
+def _combine(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """wᵀJ_l for every leaf, in each leaf's dtype and shape."""
+    out = []
+    for leaf in leaves:
+        d = w @ _rows(leaf, dtype)
+        if d.dtype != leaf.dtype:
+            d = d.to(leaf.dtype)
+        out.append(d if leaf.dim() == 2 else d.reshape(leaf.shape[1:]))
+    return out
+
+
+_ZEROS: dict[tuple[int, torch.device], torch.Tensor] = {}
+_FIXED: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _fixed_weights(method: Method, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The weights of a method whose weights depend on K alone, in the compute dtype (cached)."""
+    key = (method.name, k, dtype, device)
+    if key not in _FIXED:
+        if len(_FIXED) > 64:
+            _FIXED.clear()
+        _FIXED[key] = method.weighting(_zero_gramian(k, device), Context()).to(dtype)
+    return _FIXED[key]
+
+
+def _zero_gramian(k: int, device: torch.device) -> torch.Tensor:
+    """A read-only stand-in for G, for the methods that never read it (mean, sum, constant, random)."""
+    key = (k, device)
+    if key not in _ZEROS:
+        if len(_ZEROS) > 64:
+            _ZEROS.clear()
+        _ZEROS[key] = torch.zeros(k, k, dtype=torch.float64, device=device)
+    return _ZEROS[key]
 
 
 def _raise_non_finite(leaves: list[torch.Tensor], group: Any = None) -> None:
@@ -263,26 +328,45 @@ def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch
     return w
 
 
-def _gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:
+def _clean(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # BLAS may sum G_ij and G_ji in different orders: in float32 they differ in the 7th digit, and
+    # the solvers read one triangle in one place and the other in another.
+    g = 0.5 * (g + g.T)
+    return g if dtype == torch.float64 else nearest_psd(g)  # float32 sums can leave G a hair indefinite
+
+
+def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool,
+                        group: Any = None) -> tuple[torch.Tensor, bool | None]:
+    """(G, whether G is finite where that came for free, else None)."""
     detached = [leaf.detach() for leaf in leaves]
+    dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
+    if group is None and native.on_host(detached[0]):
+        # On the CPU one call into C symmetrises, converts and tests G (finite, overflow, PSD).
+        g, flags = native.prepare(fast(detached, dtype), dtype != torch.float64)
+        if flags & native.RESCUE:
+            return _clean(rescaled(detached, dtype), dtype), None
+        return (nearest_psd(g) if flags & native.INDEFINITE else g), not flags & native.NONFINITE
     rescue = check_finite or detached[0].device.type == "cpu"
     g = gramian_op(detached, rescue)
     if group is not None:  # parameter shards: G = Σ_ranks J_r J_rᵀ, the only thing that travels
         g = distributed.all_reduce_sum(g, group)
-    # BLAS may sum G_ij and G_ji in different orders: in float32 they differ in the 7th digit, and
-    # the solvers read one triangle in one place and the other in another.
-    g = 0.5 * (g + g.T)
-    if accumulation_dtype([leaf.dtype for leaf in leaves]) != torch.float64:
-        g = nearest_psd(g)  # float32 accumulation can leave G a hair indefinite
-    return g
+    return _clean(g, dtype), None
 
 
-def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:
-    g = _gramian(leaves, check_finite, group)
+def _gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:
+    return _gramian_and_finite(leaves, check_finite, group)[0]
+
+
+def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool,
+                     group: Any = None) -> tuple[torch.Tensor, bool | None]:
+    g, finite = _gramian_and_finite(leaves, check_finite, group)
     # After the all-reduce every rank sees the same G, so every rank raises or none does.
-    if _eager_checks(check_finite) and not bool(torch.isfinite(torch.diagonal(g)).all()):
-        _raise_non_finite(leaves, group)
-    return g
+    if _eager_checks(check_finite):
+        if finite is None:
+            finite = bool(torch.isfinite(torch.diagonal(g)).all())
+        if not finite:
+            _raise_non_finite(leaves, group)
+    return g, finite
 
 
 def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: bool,
@@ -290,10 +374,9 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
     """(w in float64, G if it was formed)."""
     k, device = leaves[0].shape[0], leaves[0].device
     formed = plan.uses_gramian or normalize is not None
-    g = (_checked_gramian(leaves, check_finite, group) if formed
-         else torch.zeros(k, k, dtype=torch.float64, device=device))
+    g, finite = _checked_gramian(leaves, check_finite, group) if formed else (_zero_gramian(k, device), True)
     w = _weights_from_g(plan, g, normalize)
-    if formed:
+    if not finite:
         # Non-finite input must never give a finite answer, whatever a solver did with it.
         w = w + 0.0 * torch.diagonal(g).sum()
     return w, g if formed else None
@@ -339,15 +422,17 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     leaves, tree, k = _flatten(jac)
     device = leaves[0].device
     plan = _make_plan(method, k, device, normalize, generator, state, losses, grad_normalizer, options)
-    group = _distribute(plan, group, device)
+    plan, group = _distribute(plan, group, device)
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if plan.tail is None:
-        w, g = _weights(leaves, plan, normalize, check_finite, group)
-        wd = w.to(dtype)
-        out = [(wd @ _rows(leaf, dtype)).to(leaf.dtype).reshape(leaf.shape[1:]) for leaf in leaves]
+        if plan.simple and plan.steps[0].method.fixed and normalize is None:
+            w, g = _fixed_weights(plan.steps[0].method, k, dtype, device), None
+        else:
+            w, g = _weights(leaves, plan, normalize, check_finite, group)
+        out = _combine(w.to(dtype), leaves, dtype)
         if g is None and _eager_checks(check_finite):
             _check_output(out, leaves, group)
-        return pytree.tree_unflatten(out, tree)
+        return _unflatten(out, tree)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:
         c = _coefficients(plan, _gramian(leaves, check_finite, group)).to(dtype)
@@ -369,16 +454,18 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     out = [c.to(leaf.dtype).reshape(leaf.shape[1:]) for c, leaf in zip(combined, leaves)]
     if _eager_checks(check_finite):
         _check_output(combined, leaves, group)
-    return pytree.tree_unflatten(out, tree)
+    return _unflatten(out, tree)
 
 
-def _distribute(plan: _Plan, group: Any, device: torch.device) -> Any:
+def _distribute(plan: _Plan, group: Any, device: torch.device) -> tuple[_Plan, Any]:
     """Validates ``group``; gives random methods a generator that draws alike on every rank."""
+    if group is None:
+        return plan, None
     group = distributed.check_group(group)
     random = any(step.method.random for step in plan.steps) or (plan.tail is not None and plan.tail.method.random)
     if group is not None and random:
-        plan.generator = distributed.shared_generator(plan.generator, group, device)
-    return group
+        plan = dataclasses.replace(plan, generator=distributed.shared_generator(plan.generator, group, device))
+    return plan, group
 
 
 def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: Any = None) -> None:
@@ -386,7 +473,8 @@ def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: An
     start from column sums) turns a NaN or Inf of J into a non-finite entry, and one sum reads
     that in a pass over the output, far cheaper than a pass over J. Only then is J searched, to
     name the tasks (an overflow of a finite J finds none and passes)."""
-    bad = not bool(torch.isfinite(torch.stack([o.detach().float().sum() for o in out]).sum()))
+    sums = [(o.detach() if o.dtype in (torch.float32, torch.float64) else o.detach().float()).sum() for o in out]
+    bad = not math.isfinite(sums[0].item() if len(sums) == 1 else torch.stack(sums).sum().item())
     if group is not None:
         bad = distributed.any_flag(bad, group, leaves[0].device)
     if bad:
@@ -406,7 +494,7 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     leaves, _, k = _flatten(jac)
     plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
-    group = _distribute(plan, group, leaves[0].device)
+    plan, group = _distribute(plan, group, leaves[0].device)
     w, _ = _weights(leaves, plan, normalize, check_finite, group)
     return w
 
@@ -446,7 +534,7 @@ def gramian(jac: Any, *, check_finite: bool = True, group: Any = None) -> torch.
     again with exact power-of-two scaling when squares would overflow or underflow float32.
     """
     leaves, _, _ = _flatten(jac)
-    return _checked_gramian(leaves, check_finite, distributed.check_group(group))
+    return _checked_gramian(leaves, check_finite, distributed.check_group(group))[0]
 
 
 def init(method: Any, num_tasks: int, *, device: torch.device | str | None = None,

@@ -28,7 +28,7 @@ def _as_rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
-def _fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+def fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """Σ_l J_l J_lᵀ accumulated leaf by leaf, each leaf first multiplied by the ``factors`` in turn."""
     g = None
     for leaf in leaves:
@@ -39,14 +39,14 @@ def _fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.T
     return g
 
 
-def _rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     peaks = [leaf.detach().abs().amax().to(torch.float64) for leaf in leaves if leaf.numel() > 0]
     peak = torch.stack(peaks).amax() if peaks else torch.zeros((), dtype=torch.float64, device=leaves[0].device)
     exponent = torch.where(peak > 0, torch.frexp(peak)[1], 0).to(torch.float64)
     # 2^-e may not be representable in float32 (e down to -149), its two halves are.
     half = torch.exp2(-torch.floor(exponent / 2)).to(dtype)
     rest = torch.exp2(-exponent + torch.floor(exponent / 2)).to(dtype)
-    return _fast(leaves, dtype, (half, rest)).to(torch.float64) * torch.exp2(2.0 * exponent)
+    return fast(leaves, dtype, (half, rest)).to(torch.float64) * torch.exp2(2.0 * exponent)
 
 
 def needs_rescale(g: torch.Tensor) -> torch.Tensor:
@@ -62,9 +62,9 @@ def needs_rescale(g: torch.Tensor) -> torch.Tensor:
 def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
     """float64 K x K Gramian. With ``rescue``, reads one flag and recomputes when it overflowed."""
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
-    g = _fast(leaves, dtype)
+    g = fast(leaves, dtype)
     if rescue and bool(needs_rescale(g)):
-        return _rescaled(leaves, dtype)
+        return rescaled(leaves, dtype)
     return g.to(torch.float64)
 
 

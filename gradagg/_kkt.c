@@ -576,47 +576,314 @@ static int cagrad_solve(const double *g, int k, double cc, int max_outer, double
     return OK;
 }
 
-/* cagrad(g, w, k, c, max_outer) -> status */
-static PyObject *py_cagrad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "cagrad takes 5 arguments");
+/* ------------------------------------------------------------------------------------------------
+ * Whole weightings, from G to w, so that a CPU call makes one crossing into C.
+ */
+
+/* solvers.active_set.scaled_gramian: A = S G S + diag(reg), s_i = 1/sqrt(G_ii) (1 for zero rows),
+ * reg_i = eps (zero_eps for zero rows). */
+static void scale_gramian(const double *g, int k, double eps, double zero_eps, double *a, double *s, double *reg) {
+    for (int i = 0; i < k; i++) {
+        double d = g[(size_t)i * k + i];
+        s[i] = d > 0.0 ? 1.0 / sqrt(d) : 1.0;
+        reg[i] = d > 0.0 ? eps : zero_eps;
+    }
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++) a[(size_t)i * k + j] = g[(size_t)i * k + j] * s[i] * s[j];
+    for (int i = 0; i < k; i++) a[(size_t)i * k + i] += reg[i];
+}
+
+#define QP_EPS 1e-10
+#define QP_REFINE 2
+
+/* A scratch arena for the weightings: one allocation, carved up in order. */
+typedef struct {
+    double *base;
+    size_t used, size;
+} Arena;
+
+static double *take(Arena *ar, size_t n) {
+    double *p = ar->base + ar->used;
+    ar->used += n;
+    return p;
+}
+
+/* MGDA (gradagg/_methods/mgda.py): w = S y / Σ S y for the NNQP of A and q = s. */
+static int mgda_solve(const double *g, int k, double *w, Arena *ar) {
+    double *a = take(ar, (size_t)k * k), *s = take(ar, k), *reg = take(ar, k), *qs = take(ar, k),
+           *y = take(ar, k), *b1 = take(ar, k), *b2 = take(ar, k);
+    scale_gramian(g, k, QP_EPS, 1e-300, a, s, reg);
+    for (int i = 0; i < k; i++) qs[i] = fabs(s[i]);
+    Nnqp solver;
+    if (!nnqp_init(&solver, k, a)) {
+        nnqp_free(&solver);
+        return NOMEM;
+    }
+    int ok = nnqp_refined(&solver, a, s, reg, qs, 3 * k + 30, QP_REFINE, y, b1, b2);
+    nnqp_free(&solver);
+    if (!ok) return UNCONVERGED;
+    double total = 0.0;
+    for (int i = 0; i < k; i++) {
+        w[i] = s[i] * y[i];
+        total += w[i];
+    }
+    for (int i = 0; i < k; i++) w[i] /= total;
+    return OK;
+}
+
+/* UPGrad / DualProj (gradagg/_methods/dual_cone.py): for each row u of lower [B, K], the projection
+ * argmin_{v ≥ u} vᵀGv, written to out [B, K], or their sum to out [K] when sum_rows. */
+static int dual_cone_solve(const double *g, const double *lower, int b, int k, int sum_rows, double *out, Arena *ar) {
+    double *a = take(ar, (size_t)k * k), *s = take(ar, k), *reg = take(ar, k), *bound = take(ar, k),
+           *q = take(ar, k), *qs = take(ar, k), *z = take(ar, k), *b1 = take(ar, k), *b2 = take(ar, k);
+    scale_gramian(g, k, QP_EPS, QP_EPS, a, s, reg);
+    Nnqp solver;
+    if (!nnqp_init(&solver, k, a)) {
+        nnqp_free(&solver);
+        return NOMEM;
+    }
+    int status = OK;
+    if (sum_rows) memset(out, 0, sizeof(double) * (size_t)k);
+    for (int p = 0; p < b && status == OK; p++) {
+        const double *u = lower + (size_t)p * k;
+        double spread = 0.0;
+        for (int i = 0; i < k; i++) {
+            bound[i] = u[i] / s[i];
+            spread += fabs(bound[i]) * solver.unit[i];
+        }
+        for (int i = 0; i < k; i++) {
+            double ab = 0.0;
+            for (int j = 0; j < k; j++) ab += bound[j] * a[(size_t)j * k + i];
+            q[i] = -ab + reg[i] * bound[i];
+            qs[i] = solver.unit[i] * spread + fabs(q[i]);
+        }
+        if (!nnqp_refined(&solver, a, q, reg, qs, 3 * k + 30, QP_REFINE, z, b1, b2)) status = UNCONVERGED;
+        double *row = sum_rows ? out : out + (size_t)p * k;
+        for (int i = 0; i < k; i++) row[i] = sum_rows ? row[i] + (z[i] + bound[i]) * s[i] : (z[i] + bound[i]) * s[i];
+    }
+    nnqp_free(&solver);
+    return status;
+}
+
+static double quad_form(const double *g, const double *x, int k) {
+    double total = 0.0;
+    for (int i = 0; i < k; i++) {
+        double gx = 0.0;
+        for (int j = 0; j < k; j++) gx += g[(size_t)i * k + j] * x[j];
+        total += gx * x[i];
+    }
+    return total;
+}
+
+static double min_product(const double *g, const double *x, int k) {
+    double low = INFINITY;
+    for (int i = 0; i < k; i++) {
+        double gx = 0.0;
+        for (int j = 0; j < k; j++) gx += g[(size_t)i * k + j] * x[j];
+        low = gx < low ? gx : low;
+    }
+    return low;
+}
+
+/* CAGrad's degenerate case (gradagg/_methods/cagrad.py, _cagrad): where Jᵀw* = 0, g0 projected onto
+ * the dual cone replaces w when it lies in the ball and beats w on min_i g_i·d. */
+static int cagrad_fallback(const double *g, int k, double cc, double *w, Arena *ar) {
+    double *mean = take(ar, k), *wc = take(ar, k), *off = take(ar, k);
+    for (int i = 0; i < k; i++) mean[i] = 1.0 / k;
+    int status = dual_cone_solve(g, mean, 1, k, 0, wc, ar);
+    if (status != OK) return status;
+    double peak = -INFINITY;
+    for (int i = 0; i < k; i++) {
+        off[i] = wc[i] - mean[i];
+        peak = g[(size_t)i * k + i] > peak ? g[(size_t)i * k + i] : peak;
+    }
+    double g0 = quad_form(g, mean, k);
+    int in_ball = quad_form(g, off, k) <= cc * cc * g0 * (1.0 + 1e-9);
+    double unit = peak * (g0 > 0.0 ? g0 : 0.0);
+    int better = min_product(g, wc, k) > min_product(g, w, k) + 1e-9 * (1.0 + cc) * sqrt(unit);
+    if (in_ball && better && cc > 0.0) memcpy(w, wc, sizeof(double) * (size_t)k);
+    return OK;
+}
+
+/* FairGrad (gradagg/_methods/fairgrad.py): G w = w^(−β) in the unit-diagonal scaling. */
+static int fairgrad_solve(const double *g, int k, double beta, int max_iter, double *w, Arena *ar) {
+    double *a = take(ar, (size_t)k * k), *s = take(ar, k), *reg = take(ar, k), *c = take(ar, k),
+           *start = take(ar, k), *u = take(ar, k), *work = take(ar, (size_t)k * k + 6 * (size_t)k);
+    scale_gramian(g, k, 1e-15, 1.0, a, s, reg);
+    for (int i = 0; i < k; i++) {
+        c[i] = pow(s[i], 1.0 - beta);
+        start[i] = pow(c[i], 1.0 / (1.0 + beta));
+    }
+    int ok = barrier_solve(a, c, start, k, beta, max_iter, u, work);
+    for (int i = 0; i < k; i++) w[i] = g[(size_t)i * k + i] > 0.0 ? s[i] * u[i] : 0.0;
+    return ok ? OK : UNCONVERGED;
+}
+
+/* Nash-MTL (gradagg/_methods/nash_mtl.py): α ⊙ (Gα) = 1, warm-started from ``previous``. */
+static int nash_solve(const double *g, const double *previous, int k, int max_iter, double *alpha, Arena *ar) {
+    double *a = take(ar, (size_t)k * k), *s = take(ar, k), *reg = take(ar, k), *c = take(ar, k),
+           *start = take(ar, k), *u = take(ar, k), *work = take(ar, (size_t)k * k + 6 * (size_t)k);
+    scale_gramian(g, k, 1e-15, 1.0, a, s, reg);
+    int have = 1;
+    for (int i = 0; i < k; i++) have &= previous[i] > 0.0;
+    for (int i = 0; i < k; i++) {
+        c[i] = 1.0;
+        start[i] = (have && g[(size_t)i * k + i] > 0.0) ? previous[i] / s[i] : 1.0;
+    }
+    int ok = barrier_solve(a, c, start, k, 1.0, max_iter, u, work);
+    for (int i = 0; i < k; i++) alpha[i] = g[(size_t)i * k + i] > 0.0 ? s[i] * u[i] : 0.0;
+    return ok ? OK : UNCONVERGED;
+}
+
+/* Parses ``n`` leading address arguments, then runs a weighting with a fresh arena of 2K² + 40K
+ * doubles. Non-finite G gives NaN in out [out_len]. */
+typedef int (*Weighting)(void **ptr, PyObject *const *rest, int k, Arena *ar);
+
+static PyObject *run_weighting(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, int n_ptr, Weighting fn,
+                               const char *name) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, expected);
         return NULL;
     }
-    const double *g = PyLong_AsVoidPtr(args[0]);
+    void *ptr[4];
+    for (int i = 0; i < n_ptr; i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[i]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long k = PyLong_AsLong(args[n_ptr]), out_len = PyLong_AsLong(args[n_ptr + 1]);
     if (PyErr_Occurred()) return NULL;
-    double *w = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    long k = PyLong_AsLong(args[2]);
-    double cc = PyFloat_AsDouble(args[3]);
-    long max_outer = PyLong_AsLong(args[4]);
-    if (PyErr_Occurred()) return NULL;
+    const double *g = ptr[0];
+    double *out = ptr[n_ptr - 1];
     if (!all_finite(g, (Py_ssize_t)k * k)) {
-        fill_nan(w, k);
+        fill_nan(out, out_len);
         return PyLong_FromLong(NONFINITE);
     }
-    size_t kk = (size_t)k * (size_t)k;
-    double *a = malloc(sizeof(double) * kk);
-    double *buf = malloc(sizeof(double) * (12 * (size_t)k + kk) + 2 * (size_t)k);
-    Nnqp s;
-    int status;
-    if (!a || !buf) {
-        memset(&s, 0, sizeof(s));
-        status = NOMEM;
-    } else {
-        for (size_t i = 0; i < kk; i++) a[i] = 0.0;
-        if (!nnqp_init(&s, (int)k, a)) {
-            status = NOMEM;
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            status = cagrad_solve(g, (int)k, cc, (int)max_outer, w, &s, a, buf);
-            Py_END_ALLOW_THREADS
-        }
+    Arena ar = {malloc(sizeof(double) * (2 * (size_t)k * (size_t)k + 40 * (size_t)k)), 0, 0};
+    if (!ar.base) return PyLong_FromLong(NOMEM);
+    int status = fn(ptr, args + n_ptr + 2, (int)k, &ar);
+    if (status == -1) {  /* a Python error while reading the remaining arguments */
+        free(ar.base);
+        return NULL;
     }
-    if (status != OK) fill_nan(w, k);
-    nnqp_free(&s);
-    free(a);
-    free(buf);
+    if (status != OK) fill_nan(out, out_len);
+    free(ar.base);
     return PyLong_FromLong(status);
+}
+
+static int w_mgda(void **ptr, PyObject *const *rest, int k, Arena *ar) { return mgda_solve(ptr[0], k, ptr[1], ar); }
+
+static int w_dual_cone(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    long b = PyLong_AsLong(rest[0]), sum_rows = PyLong_AsLong(rest[1]);
+    if (PyErr_Occurred()) return -1;
+    return dual_cone_solve(ptr[0], ptr[1], (int)b, k, (int)sum_rows, ptr[2], ar);
+}
+
+static int w_cagrad(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    double cc = PyFloat_AsDouble(rest[0]), divisor = PyFloat_AsDouble(rest[2]);
+    long max_outer = PyLong_AsLong(rest[1]);
+    if (PyErr_Occurred()) return -1;
+    double *w = ptr[1], *a = take(ar, (size_t)k * k), *buf = take(ar, 12 * (size_t)k + (size_t)k * k);
+    Nnqp s;
+    for (size_t i = 0; i < (size_t)k * k; i++) a[i] = 0.0;
+    if (!nnqp_init(&s, k, a)) {
+        nnqp_free(&s);
+        return NOMEM;
+    }
+    int status = cagrad_solve(ptr[0], k, cc, (int)max_outer, w, &s, a, buf);
+    nnqp_free(&s);
+    if (status == OK && divisor > 0.0) {
+        ar->used = 0;
+        status = cagrad_fallback(ptr[0], k, cc, w, ar);
+        for (int i = 0; i < k; i++) w[i] /= divisor;
+    }
+    return status;
+}
+
+static int w_fairgrad(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    double beta = PyFloat_AsDouble(rest[0]);
+    long max_iter = PyLong_AsLong(rest[1]);
+    if (PyErr_Occurred()) return -1;
+    return fairgrad_solve(ptr[0], k, beta, (int)max_iter, ptr[1], ar);
+}
+
+static int w_nash(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    long max_iter = PyLong_AsLong(rest[0]);
+    if (PyErr_Occurred()) return -1;
+    return nash_solve(ptr[0], ptr[1], k, (int)max_iter, ptr[2], ar);
+}
+
+/* mgda(g, w, k, k) */
+static PyObject *py_mgda(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 4, 2, w_mgda, "mgda");
+}
+
+/* dual_cone(g, lower, out, k, out_len, b, sum_rows) */
+static PyObject *py_dual_cone(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 7, 3, w_dual_cone, "dual_cone");
+}
+
+/* cagrad_weights(g, w, k, k, c, max_outer, divisor): the final weights (divisor ≤ 0: the direction
+ * weights only, without the degenerate-case fallback) */
+static PyObject *py_cagrad_weights(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 7, 2, w_cagrad, "cagrad_weights");
+}
+
+/* fairgrad(g, w, k, k, beta, max_iter) */
+static PyObject *py_fairgrad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 6, 2, w_fairgrad, "fairgrad");
+}
+
+/* nash(g, previous, alpha, k, k, max_iter) */
+static PyObject *py_nash(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 6, 3, w_nash, "nash");
+}
+
+/* prepare(raw, is_float32, k, out, psd_check) -> flags. out = ½(G + Gᵀ) in double from the raw
+ * accumulated Gramian; flags: 1 the diagonal shows overflow or underflow (gradagg/_gramian.py,
+ * needs_rescale), 2 an entry is not finite, 4 (with psd_check) the unit-diagonal scaling plus
+ * 1e-14 I has no Cholesky factor (gradagg/solvers/spectral.py, nearest_psd). */
+static PyObject *py_prepare(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "prepare takes 5 arguments");
+        return NULL;
+    }
+    const void *raw = PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    double *out = PyLong_AsVoidPtr(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    long psd_check = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    size_t n = (size_t)k;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < n; j++) {
+            double x = f32 ? ((const float *)raw)[i * n + j] : ((const double *)raw)[i * n + j];
+            double y = f32 ? ((const float *)raw)[j * n + i] : ((const double *)raw)[j * n + i];
+            out[i * n + j] = 0.5 * (x + y);
+        }
+    long flags = 0;
+    const double tiny = f32 ? ldexp(1.0, -60) : ldexp(1.0, -500);
+    for (size_t i = 0; i < n; i++) {
+        double d = f32 ? ((const float *)raw)[i * n + i] : ((const double *)raw)[i * n + i];
+        if (!isfinite(d) || d < tiny) flags |= 1;
+    }
+    if (!all_finite(out, (Py_ssize_t)(n * n))) flags |= 2;
+    if (psd_check && !(flags & 2) && n > 0) {
+        double *m = malloc(sizeof(double) * n * n), *s = malloc(sizeof(double) * n);
+        if (!m || !s) {
+            free(m);
+            free(s);
+            return PyErr_NoMemory();
+        }
+        for (size_t i = 0; i < n; i++) s[i] = out[i * n + i] > 0.0 ? 1.0 / sqrt(out[i * n + i]) : 1.0;
+        for (size_t i = 0; i < n; i++)
+            for (size_t j = 0; j < n; j++) m[i * n + j] = out[i * n + j] * s[i] * s[j] + (i == j ? 1e-14 : 0.0);
+        if (cholesky(m, (int)n)) flags |= 4;
+        free(m);
+        free(s);
+    }
+    return PyLong_FromLong(flags);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -653,8 +920,13 @@ static PyObject *py_pcgrad(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static PyMethodDef methods[] = {
     {"nnqp", (PyCFunction)(void (*)(void))py_nnqp, METH_FASTCALL, "Batched nonnegative QP (see gradagg.solvers)."},
     {"barrier", (PyCFunction)(void (*)(void))py_barrier, METH_FASTCALL, "Newton for A u = c u^-beta."},
-    {"cagrad", (PyCFunction)(void (*)(void))py_cagrad, METH_FASTCALL, "CAGrad's direction weights."},
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
+    {"mgda", (PyCFunction)(void (*)(void))py_mgda, METH_FASTCALL, "MGDA's weights from G."},
+    {"dual_cone", (PyCFunction)(void (*)(void))py_dual_cone, METH_FASTCALL, "Dual-cone projections (UPGrad)."},
+    {"cagrad_weights", (PyCFunction)(void (*)(void))py_cagrad_weights, METH_FASTCALL, "CAGrad's weights from G."},
+    {"fairgrad", (PyCFunction)(void (*)(void))py_fairgrad, METH_FASTCALL, "FairGrad's weights from G."},
+    {"nash", (PyCFunction)(void (*)(void))py_nash, METH_FASTCALL, "Nash-MTL's weights from G."},
+    {"prepare", (PyCFunction)(void (*)(void))py_prepare, METH_FASTCALL, "Symmetrised float64 Gramian and flags."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,6 +50,8 @@ class Method:
     #: For per-task transforms that are not row scalings: ``transform(G, ctx, **opts) -> T`` with
     #: J' = T J (K x K). Any other weighting acts in a chain as T = diag(w).
     transform: Callable[..., torch.Tensor] | None = None
+    #: The weights depend on K alone (sum, mean): computed once per K, dtype and device.
+    fixed: bool = False
 
     @property
     def is_weighting(self) -> bool:

@@ -26,8 +26,9 @@ def _random(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 register(Method("sum", "w = 1: the plain sum of the task gradients.", "-", aliases=("identity",), weighting=_sum,
-                uses_gramian=False))
-register(Method("mean", "w = 1/K: the mean task gradient.", "-", weighting=_mean, uses_gramian=False))
+                uses_gramian=False, fixed=True))
+register(Method("mean", "w = 1/K: the mean task gradient.", "-", weighting=_mean, uses_gramian=False,
+                fixed=True))
 register(Method(
     "constant", "w = weights, a fixed nonnegative K-vector.", "-", weighting=_constant, uses_gramian=False,
     options=(Option("weights", REQUIRED, k_vector(nonnegative=True, positive_sum=False),

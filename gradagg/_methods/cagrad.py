@@ -85,7 +85,7 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
 def _cagrad_impl(g: torch.Tensor, c: float) -> torch.Tensor:
     """``cagrad_direction_weights`` as one opaque operator for compiled graphs."""
     if native.usable(g):
-        return native.cagrad(g, c, MAX_OUTER)
+        return native.cagrad(g, c, MAX_OUTER)  # direction weights only
     return cagrad_direction_weights(g, c)
 
 
@@ -98,6 +98,9 @@ cagrad_op = opaque("cagrad", _cagrad_fake)(_cagrad_impl)
 
 def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tensor:
     k = g.shape[-1]
+    divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    if native.usable(g):
+        return native.cagrad(g, c, MAX_OUTER, divisor)
     w = cagrad_op(g, c)
     # Degenerate case (Jᵀw* = 0): every d of the ball with min_i g_i·d = 0 is optimal. The nearest
     # to g0 is g0 projected onto the dual cone; it is taken when it lies in the ball and beats the
@@ -111,7 +114,7 @@ def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tens
     unit = torch.diagonal(g).amax() * (mean @ g @ mean).clamp_min(0)
     better = (g @ w_cone).amin() > (g @ w).amin() + 1e-9 * (1.0 + c) * unit.sqrt()
     w = torch.where(in_ball & better & (c > 0), w_cone, w)
-    return w / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    return w / divisor
 
 
 register(Method(

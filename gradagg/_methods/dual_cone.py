@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, Option, as_vector, k_vector, register
-from ..solvers import nnqp_op, scaled_gramian
+from ..solvers import native, nnqp_op, scaled_gramian
 from ..solvers.active_set import default_budget
 
 EPS = 1e-10
@@ -37,11 +37,15 @@ def project_dual_cone(g: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
 
 def _upgrad(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
     p = as_vector(pref, g)
+    if native.usable(g):
+        return native.dual_cone(g, torch.diag(p), sum_rows=True)
     return project_dual_cone(g, torch.diag(p)).sum(0)
 
 
 def _dualproj(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
     p = as_vector(pref, g)
+    if native.usable(g):
+        return native.dual_cone(g, p.unsqueeze(0), sum_rows=True)
     return project_dual_cone(g, p.unsqueeze(0))[0]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, Option, real_at_least, register
-from ..solvers import barrier_op, scaled_gramian
+from ..solvers import barrier_op, native, scaled_gramian
 from ..solvers.barrier import MAX_ITER
 
 EPS = 1e-15
@@ -23,6 +23,8 @@ EPS = 1e-15
 
 def solve_power_equation(g: torch.Tensor, beta: float, u0: torch.Tensor | None = None) -> torch.Tensor:
     """w > 0 with (G + ε diag G) w = w^(−β); ``u0`` warm-starts in the scaled variable u = S⁻¹w."""
+    if u0 is None and native.usable(g):
+        return native.fairgrad(g, beta, MAX_ITER)
     # A zero gradient has no finite weight (its equation reads 0 = w^(−β)); it is decoupled as the
     # dummy equation u = u^(−β) (so u = 1) and gets weight 0, which changes nothing in d.
     a, s, _ = scaled_gramian(g, EPS, zero_eps=1.0)

@@ -31,12 +31,12 @@ def _nash_impl(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor)
     free to read, on the CPU)."""
     if can_stop_early(recompute) and not bool(recompute):
         return previous.clone()
+    if native.usable(g):
+        return native.nash(g, previous, MAX_ITER)
     a, s, _ = scaled_gramian(g, EPS, zero_eps=1.0)  # zero gradients: the dummy equation u = 1/u
     nonzero = torch.diagonal(g) > 0
     have = (previous > 0).all()
     start = torch.where(have & nonzero, previous / s, 1.0)
-    if native.usable(a):
-        return torch.where(nonzero, s * native.barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER), 0.0)
     u, converged = solve_barrier(a, torch.ones_like(s), start, 1.0, MAX_ITER)
     alpha = torch.where(nonzero, s * u, 0.0)
     return torch.where(recompute, guard(alpha, converged, "Nash-MTL's Newton solver", a), previous)

@@ -52,7 +52,12 @@ def disabled() -> Iterator[None]:
 
 def usable(t: torch.Tensor) -> bool:
     """Whether the K x K problem held in ``t`` goes to the C solvers."""
-    return _enabled and t.device.type == "cpu" and t.dtype == torch.float64
+    return _enabled and t.device.type == "cpu" and t.dtype == torch.float64 and not torch.compiler.is_compiling()
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether work on ``t`` (any dtype) may use the C extension: CPU, eager."""
+    return _enabled and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _check(status: int, what: str) -> None:
@@ -87,13 +92,68 @@ def barrier(a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max
     return u
 
 
-def cagrad(g: torch.Tensor, c: float, max_outer: int) -> torch.Tensor:
-    """CAGrad's direction weights (``_methods.cagrad.cagrad_direction_weights``)."""
+def cagrad(g: torch.Tensor, c: float, max_outer: int, divisor: float = 0.0) -> torch.Tensor:
+    """CAGrad's weights: with a divisor > 0, those of ``_methods.cagrad._cagrad`` (degenerate case
+    included) divided by it; otherwise the direction weights of ``cagrad_direction_weights``."""
     g = g.contiguous()
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64)
-    _check(_kkt.cagrad(g.data_ptr(), w.data_ptr(), k, float(c), max_outer), "CAGrad's search for the multiplier")
+    _check(_kkt.cagrad_weights(g.data_ptr(), w.data_ptr(), k, k, float(c), max_outer, float(divisor)),
+           "CAGrad's search for the multiplier")
     return w
+
+
+def mgda(g: torch.Tensor) -> torch.Tensor:
+    """``_methods.mgda.mgda_weights``."""
+    g = g.contiguous()
+    k = g.shape[-1]
+    w = torch.empty(k, dtype=torch.float64)
+    _check(_kkt.mgda(g.data_ptr(), w.data_ptr(), k, k), "the nonnegative QP solver")
+    return w
+
+
+def dual_cone(g: torch.Tensor, lower: torch.Tensor, sum_rows: bool) -> torch.Tensor:
+    """``_methods.dual_cone.project_dual_cone`` ([B, K]), or the sum of its rows ([K])."""
+    g, lower = g.contiguous(), lower.contiguous()
+    b, k = lower.shape
+    out = torch.empty(k if sum_rows else (b, k), dtype=torch.float64)
+    _check(_kkt.dual_cone(g.data_ptr(), lower.data_ptr(), out.data_ptr(), k, out.numel(), b, int(sum_rows)),
+           "the nonnegative QP solver")
+    return out
+
+
+def fairgrad(g: torch.Tensor, beta: float, max_iter: int) -> torch.Tensor:
+    """``_methods.fairgrad.solve_power_equation`` from its default start."""
+    g = g.contiguous()
+    k = g.shape[-1]
+    w = torch.empty(k, dtype=torch.float64)
+    _check(_kkt.fairgrad(g.data_ptr(), w.data_ptr(), k, k, float(beta), max_iter),
+           "the Newton solver of A u = c u^(-beta)")
+    return w
+
+
+def nash(g: torch.Tensor, previous: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """Nash-MTL's α for G, warm-started from ``previous`` (``_methods.nash_mtl._nash_impl``)."""
+    g, previous = g.contiguous(), previous.contiguous()
+    k = g.shape[-1]
+    alpha = torch.empty(k, dtype=torch.float64)
+    _check(_kkt.nash(g.data_ptr(), previous.data_ptr(), alpha.data_ptr(), k, k, max_iter), "Nash-MTL's Newton solver")
+    return alpha
+
+
+#: Flags of ``prepare``.
+RESCUE, NONFINITE, INDEFINITE = 1, 2, 4
+
+
+def prepare(raw: torch.Tensor, psd_check: bool) -> tuple[torch.Tensor, int]:
+    """(½(G + Gᵀ) in float64, flags) from the accumulated float32/float64 Gramian: RESCUE where its
+    diagonal shows overflow or underflow, NONFINITE, and (with ``psd_check``) INDEFINITE where the
+    Cholesky test of ``spectral.nearest_psd`` fails."""
+    raw = raw.contiguous()
+    k = raw.shape[-1]
+    g = torch.empty((k, k), dtype=torch.float64)
+    flags = _kkt.prepare(raw.data_ptr(), int(raw.dtype == torch.float32), k, g.data_ptr(), int(psd_check))
+    return g, flags
 
 
 def pcgrad(g: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
