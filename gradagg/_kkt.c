@@ -9,7 +9,8 @@
  * and layout.
  *
  * Status codes returned to Python: 0 every problem converged; 1 the problem holds NaN or Inf (the
- * outputs are NaN); 2 some problem ran out of its iteration budget; 3 out of memory.
+ * outputs are NaN); 2 some problem ran out of its iteration budget; 3 out of memory; 4 this case
+ * is left to the torch implementation.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,6 +25,7 @@
 #define NONFINITE 1
 #define UNCONVERGED 2
 #define NOMEM 3
+#define FALLBACK 4 /* no answer here: the caller takes the torch path */
 
 /* Relative tolerance of the sign tests of the active-set method (solvers.active_set.SIGN_TOL). */
 static const double SIGN_TOL = 1e-11;
@@ -765,7 +767,7 @@ static PyObject *run_weighting(PyObject *const *args, Py_ssize_t nargs, Py_ssize
         free(ar.base);
         return NULL;
     }
-    if (status != OK) fill_nan(out, out_len);
+    if (status != OK && status != FALLBACK) fill_nan(out, out_len);
     free(ar.base);
     return PyLong_FromLong(status);
 }
@@ -890,37 +892,111 @@ static PyObject *py_prepare(PyObject *self, PyObject *const *args, Py_ssize_t na
  * PCGrad's coefficient matrix (gradagg/_methods/pcgrad.py): row i of C starts at e_i and, for each
  * task j in order[i], loses (C_i·G_j / G_jj) e_j when that dot product is negative.
  */
-/* pcgrad(g, order, c, k) -> status; order is int64 [K, K-1]. */
+/* pcgrad(g, keys, c, w, k) -> status. Row i projects in the order of its keys (its own last),
+ * as argsort of keys + 2I does in the torch version; c (may be 0) receives C, w (may be 0) 1ᵀC. */
 static PyObject *py_pcgrad(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "pcgrad takes 4 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "pcgrad takes 5 arguments");
         return NULL;
     }
-    const double *g = PyLong_AsVoidPtr(args[0]);
+    void *ptr[4];
+    for (int i = 0; i < 4; i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[i]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    long k = PyLong_AsLong(args[4]);
     if (PyErr_Occurred()) return NULL;
-    const int64_t *order = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    double *c = PyLong_AsVoidPtr(args[2]);
-    if (PyErr_Occurred()) return NULL;
-    long k = PyLong_AsLong(args[3]);
-    if (PyErr_Occurred()) return NULL;
+    const double *g = ptr[0], *keys = ptr[1];
+    double *c_out = ptr[2], *w = ptr[3];
+    double *ci = malloc(sizeof(double) * (size_t)k);
+    long *order = malloc(sizeof(long) * (size_t)k);
+    if (!ci || !order) {
+        free(ci);
+        free(order);
+        return PyErr_NoMemory();
+    }
+    if (w) memset(w, 0, sizeof(double) * (size_t)k);
     for (long i = 0; i < k; i++) {
-        double *ci = c + i * k;
+        const double *key = keys + i * k;
+        /* insertion sort of the other tasks by key */
+        long n = 0;
+        for (long j = 0; j < k; j++) {
+            if (j == i) continue;
+            long p = n++;
+            while (p > 0 && key[order[p - 1]] > key[j]) {
+                order[p] = order[p - 1];
+                p--;
+            }
+            order[p] = j;
+        }
         for (long j = 0; j < k; j++) ci[j] = i == j ? 1.0 : 0.0;
         for (long t = 0; t < k - 1; t++) {
-            long j = (long)order[i * (k - 1) + t];
+            long j = order[t];
             double gjj = g[j * k + j], dot = 0.0;
             for (long m = 0; m < k; m++) dot += ci[m] * g[m * k + j];
             if (dot < 0.0 && gjj > 0.0) ci[j] -= dot / gjj;
         }
+        if (c_out) memcpy(c_out + i * k, ci, sizeof(double) * (size_t)k);
+        if (w)
+            for (long j = 0; j < k; j++) w[j] += ci[j];
     }
+    free(ci);
+    free(order);
     return PyLong_FromLong(OK);
+}
+
+/* IMTL-G (gradagg/_methods/imtl_g.py) where the pseudo-inverse is the inverse: on the nonzero rows
+ * P, A = (SGS)_PP has unit diagonal, so λ_max(A) ≤ |P|, and λ_min(A) ≥ 1/‖A⁻¹‖_F; when that bound
+ * exceeds 1e-10 |P| no eigenvalue falls under the 1e-12 λ_max cut of spectral.pinv_solve, and the
+ * Cholesky solve gives the same w. Otherwise the status is FALLBACK (4): use the eigendecomposition. */
+static int imtl_g_solve(const double *g, int k, double *w, Arena *ar) {
+    double *s = take(ar, k), *m = take(ar, (size_t)k * k), *col = take(ar, k), *coef = take(ar, k);
+    int *idx = (int *)take(ar, k);
+    int n = 0;
+    for (int i = 0; i < k; i++) {
+        double d = g[(size_t)i * k + i];
+        s[i] = d > 0.0 ? 1.0 / sqrt(d) : 0.0;
+        if (d > 0.0) idx[n++] = i;
+        w[i] = 0.0;
+    }
+    if (n == 0) return OK;
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < n; c++) m[r * n + c] = g[(size_t)idx[r] * k + idx[c]] * s[idx[r]] * s[idx[c]];
+    if (cholesky(m, n)) return FALLBACK;
+    double frob = 0.0;
+    for (int c = 0; c < n; c++) {
+        for (int r = 0; r < n; r++) col[r] = r == c ? 1.0 : 0.0;
+        cholesky_solve(m, n, col);
+        for (int r = 0; r < n; r++) frob += col[r] * col[r];
+    }
+    if (!(1.0 / sqrt(frob) > 1e-10 * n)) return FALLBACK;
+    for (int r = 0; r < n; r++) coef[r] = 1.0;
+    cholesky_solve(m, n, coef);
+    double total = 0.0, size = 0.0, peak = 0.0;
+    for (int r = 0; r < n; r++) {
+        double v = s[idx[r]] * coef[r];
+        total += v;
+        size += fabs(v);
+        peak = fabs(coef[r]) > peak ? fabs(coef[r]) : peak;
+    }
+    /* As in the torch version: A⁺1 below 1e-8, or a vanishing sum, is no direction. */
+    if (fabs(total) > 1e-12 * size && peak > 1e-8)
+        for (int r = 0; r < n; r++) w[idx[r]] = s[idx[r]] * coef[r] / total;
+    return OK;
+}
+
+static int w_imtl_g(void **ptr, PyObject *const *rest, int k, Arena *ar) { return imtl_g_solve(ptr[0], k, ptr[1], ar); }
+
+/* imtl_g(g, w, k, k) -> status (4: use the torch path) */
+static PyObject *py_imtl_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 4, 2, w_imtl_g, "imtl_g");
 }
 
 static PyMethodDef methods[] = {
     {"nnqp", (PyCFunction)(void (*)(void))py_nnqp, METH_FASTCALL, "Batched nonnegative QP (see gradagg.solvers)."},
     {"barrier", (PyCFunction)(void (*)(void))py_barrier, METH_FASTCALL, "Newton for A u = c u^-beta."},
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
+    {"imtl_g", (PyCFunction)(void (*)(void))py_imtl_g, METH_FASTCALL, "IMTL-G's weights from G."},
     {"mgda", (PyCFunction)(void (*)(void))py_mgda, METH_FASTCALL, "MGDA's weights from G."},
     {"dual_cone", (PyCFunction)(void (*)(void))py_dual_cone, METH_FASTCALL, "Dual-cone projections (UPGrad)."},
     {"cagrad_weights", (PyCFunction)(void (*)(void))py_cagrad_weights, METH_FASTCALL, "CAGrad's weights from G."},

@@ -16,10 +16,13 @@ from .._registry import Context, Method, register
 from ..solvers import native
 
 
+def _keys(k: int, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(k, k, generator=generator, dtype=g.dtype, device=g.device)
+
+
 def random_orders(k: int, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Row i: the K − 1 other tasks in a uniformly random order ([K, K−1])."""
-    keys = torch.rand(k, k, generator=generator, dtype=g.dtype, device=g.device)
-    keys = keys + 2.0 * torch.eye(k, dtype=g.dtype, device=g.device)  # i itself sorts last
+    keys = _keys(k, g, generator) + 2.0 * torch.eye(k, dtype=g.dtype, device=g.device)  # i itself sorts last
     return keys.argsort(-1)[:, : k - 1]
 
 
@@ -28,9 +31,9 @@ def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.T
     k = g.shape[-1]
     diag = torch.diagonal(g)
     safe = torch.where(diag > 0, diag, 1.0)
+    if native.usable(g):
+        return native.pcgrad(g, _keys(k, g, generator), weights=False)
     order = random_orders(k, g, generator)
-    if native.usable(g) and not torch.compiler.is_compiling():
-        return native.pcgrad(g, order)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
     for t in range(k - 1):
         j = order[:, t]
@@ -45,6 +48,8 @@ def _transform(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if native.usable(g):
+        return native.pcgrad(g, _keys(g.shape[-1], g, ctx.generator), weights=True)
     return pcgrad_matrix(g, ctx.generator).sum(0)
 
 

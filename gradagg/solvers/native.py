@@ -25,7 +25,7 @@ try:
 except ImportError:  # built without a C compiler: the torch solvers serve everywhere
     _kkt = None
 
-_OK, _NONFINITE, _UNCONVERGED, _NOMEM = 0, 1, 2, 3
+_OK, _NONFINITE, _UNCONVERGED, _NOMEM, _FALLBACK = 0, 1, 2, 3, 4
 _enabled = _kkt is not None and os.environ.get("GRADAGG_NATIVE", "1") != "0"
 
 
@@ -156,10 +156,23 @@ def prepare(raw: torch.Tensor, psd_check: bool) -> tuple[torch.Tensor, int]:
     return g, flags
 
 
-def pcgrad(g: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """PCGrad's coefficient matrix for the given projection orders ([K, K-1], int64)."""
-    g, order = g.contiguous(), order.contiguous()
+def pcgrad(g: torch.Tensor, keys: torch.Tensor, weights: bool) -> torch.Tensor:
+    """PCGrad's coefficient matrix C, or its column sums 1ᵀC (``weights``), for the projection
+    orders given by sorting each row of ``keys`` [K, K] (the task itself last)."""
+    g, keys = g.contiguous(), keys.contiguous()
     k = g.shape[-1]
-    c = torch.empty((k, k), dtype=torch.float64)
-    _kkt.pcgrad(g.data_ptr(), order.data_ptr(), c.data_ptr(), k)
-    return c
+    out = torch.empty(k if weights else (k, k), dtype=torch.float64)
+    _kkt.pcgrad(g.data_ptr(), keys.data_ptr(), 0 if weights else out.data_ptr(), out.data_ptr() if weights else 0, k)
+    return out
+
+
+def imtl_g(g: torch.Tensor) -> torch.Tensor | None:
+    """IMTL-G's weights where G is safely invertible on its nonzero rows, else None."""
+    g = g.contiguous()
+    k = g.shape[-1]
+    w = torch.empty(k, dtype=torch.float64)
+    status = _kkt.imtl_g(g.data_ptr(), w.data_ptr(), k, k)
+    if status == _FALLBACK:
+        return None
+    _check(status, "IMTL-G")
+    return w
