@@ -945,19 +945,20 @@ static PyObject *py_pcgrad(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyLong_FromLong(OK);
 }
 
-/* IMTL-G (gradagg/_methods/imtl_g.py) where the pseudo-inverse is the inverse: on the nonzero rows
- * P, A = (SGS)_PP has unit diagonal, so λ_max(A) ≤ |P|, and λ_min(A) ≥ 1/‖A⁻¹‖_F; when that bound
- * exceeds 1e-10 |P| no eigenvalue falls under the 1e-12 λ_max cut of spectral.pinv_solve, and the
- * Cholesky solve gives the same w. Otherwise the status is FALLBACK (4): use the eigendecomposition. */
-static int imtl_g_solve(const double *g, int k, double *w, Arena *ar) {
-    double *s = take(ar, k), *m = take(ar, (size_t)k * k), *col = take(ar, k), *coef = take(ar, k);
+/* coef = A⁺1 on the nonzero rows P of G, for A = SGS (s_i = 1/‖g_i‖, 0 for zero rows; coef is 0
+ * off P), as spectral.pinv_solve(unit_scaling(G), 1_P) computes it, where the pseudo-inverse is the
+ * inverse: A_PP has unit diagonal, so λ_max ≤ |P|, and λ_min ≥ 1/‖A_PP⁻¹‖_F; when that bound exceeds
+ * 1e-10 |P| no eigenvalue falls under the 1e-12 λ_max cut of pinv_solve and the Cholesky solve
+ * gives the same coef. Otherwise FALLBACK: the caller uses the eigendecomposition. */
+static int unit_pinv_ones(const double *g, int k, double *s, double *coef, Arena *ar) {
+    double *m = take(ar, (size_t)k * k), *col = take(ar, k), *x = take(ar, k);
     int *idx = (int *)take(ar, k);
     int n = 0;
     for (int i = 0; i < k; i++) {
         double d = g[(size_t)i * k + i];
         s[i] = d > 0.0 ? 1.0 / sqrt(d) : 0.0;
         if (d > 0.0) idx[n++] = i;
-        w[i] = 0.0;
+        coef[i] = 0.0;
     }
     if (n == 0) return OK;
     for (int r = 0; r < n; r++)
@@ -970,19 +971,56 @@ static int imtl_g_solve(const double *g, int k, double *w, Arena *ar) {
         for (int r = 0; r < n; r++) frob += col[r] * col[r];
     }
     if (!(1.0 / sqrt(frob) > 1e-10 * n)) return FALLBACK;
-    for (int r = 0; r < n; r++) coef[r] = 1.0;
-    cholesky_solve(m, n, coef);
+    for (int r = 0; r < n; r++) x[r] = 1.0;
+    cholesky_solve(m, n, x);
+    for (int r = 0; r < n; r++) coef[idx[r]] = x[r];
+    return OK;
+}
+
+/* IMTL-G (gradagg/_methods/imtl_g.py): w = S A⁺1 / Σ S A⁺1. */
+static int imtl_g_solve(const double *g, int k, double *w, Arena *ar) {
+    double *s = take(ar, k), *coef = take(ar, k);
+    int status = unit_pinv_ones(g, k, s, coef, ar);
+    if (status != OK) return status;
     double total = 0.0, size = 0.0, peak = 0.0;
-    for (int r = 0; r < n; r++) {
-        double v = s[idx[r]] * coef[r];
-        total += v;
-        size += fabs(v);
-        peak = fabs(coef[r]) > peak ? fabs(coef[r]) : peak;
+    for (int i = 0; i < k; i++) {
+        w[i] = s[i] * coef[i];
+        total += w[i];
+        size += fabs(w[i]);
+        peak = fabs(coef[i]) > peak ? fabs(coef[i]) : peak;
     }
     /* As in the torch version: A⁺1 below 1e-8, or a vanishing sum, is no direction. */
-    if (fabs(total) > 1e-12 * size && peak > 1e-8)
-        for (int r = 0; r < n; r++) w[idx[r]] = s[idx[r]] * coef[r] / total;
+    int ok = fabs(total) > 1e-12 * size && peak > 1e-8;
+    for (int i = 0; i < k; i++) w[i] = ok ? w[i] / total : 0.0;
     return OK;
+}
+
+/* ConFIG (gradagg/_methods/config.py): v = S A⁺1, w = ((1ᵀG) v / vᵀGv) v. */
+static int config_solve(const double *g, int k, double *w, Arena *ar) {
+    double *s = take(ar, k), *coef = take(ar, k);
+    int status = unit_pinv_ones(g, k, s, coef, ar);
+    if (status != OK) return status;
+    double peak = 0.0, along = 0.0;
+    for (int i = 0; i < k; i++) {
+        w[i] = s[i] * coef[i];
+        peak = fabs(coef[i]) > peak ? fabs(coef[i]) : peak;
+    }
+    double norm_sq = quad_form(g, w, k);
+    for (int j = 0; j < k; j++) {
+        double column = 0.0;
+        for (int i = 0; i < k; i++) column += g[(size_t)i * k + j];
+        along += column * w[j];
+    }
+    int ok = norm_sq > 0.0 && peak > 1e-8;
+    for (int i = 0; i < k; i++) w[i] = ok ? along / norm_sq * w[i] : 0.0;
+    return OK;
+}
+
+static int w_config(void **ptr, PyObject *const *rest, int k, Arena *ar) { return config_solve(ptr[0], k, ptr[1], ar); }
+
+/* config(g, w, k, k) -> status (4: use the torch path) */
+static PyObject *py_config(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 4, 2, w_config, "config");
 }
 
 static int w_imtl_g(void **ptr, PyObject *const *rest, int k, Arena *ar) { return imtl_g_solve(ptr[0], k, ptr[1], ar); }
@@ -997,6 +1035,7 @@ static PyMethodDef methods[] = {
     {"barrier", (PyCFunction)(void (*)(void))py_barrier, METH_FASTCALL, "Newton for A u = c u^-beta."},
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
     {"imtl_g", (PyCFunction)(void (*)(void))py_imtl_g, METH_FASTCALL, "IMTL-G's weights from G."},
+    {"config", (PyCFunction)(void (*)(void))py_config, METH_FASTCALL, "ConFIG's weights from G."},
     {"mgda", (PyCFunction)(void (*)(void))py_mgda, METH_FASTCALL, "MGDA's weights from G."},
     {"dual_cone", (PyCFunction)(void (*)(void))py_dual_cone, METH_FASTCALL, "Dual-cone projections (UPGrad)."},
     {"cagrad_weights", (PyCFunction)(void (*)(void))py_cagrad_weights, METH_FASTCALL, "CAGrad's weights from G."},

@@ -42,7 +42,7 @@ def _both(j: torch.Tensor, method: str, **options) -> tuple[np.ndarray, np.ndarr
     return fast, reference
 
 
-@pytest.mark.parametrize("method", ["mgda", "upgrad", "dualproj", "cagrad", "pcgrad", "nash_mtl", "imtl_g"])
+@pytest.mark.parametrize("method", ["mgda", "upgrad", "dualproj", "cagrad", "pcgrad", "nash_mtl", "imtl_g", "config"])
 @given(case=st.one_of(cases(), large_k_cases()))
 def test_same_direction_as_the_torch_solver(method, case):
     j = case.tensor()

@@ -21,7 +21,7 @@ from ..solvers.spectral import pinv_solve, unit_scaling
 
 def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
     if native.usable(g):  # the common, safely invertible case in C; the rest via the eigendecomposition
-        w = native.imtl_g(g)
+        w = native.pinv_weighting("imtl_g", g)
         if w is not None:
             return w
     a, s = unit_scaling(g)

@@ -166,13 +166,14 @@ def pcgrad(g: torch.Tensor, keys: torch.Tensor, weights: bool) -> torch.Tensor:
     return out
 
 
-def imtl_g(g: torch.Tensor) -> torch.Tensor | None:
-    """IMTL-G's weights where G is safely invertible on its nonzero rows, else None."""
+def pinv_weighting(name: str, g: torch.Tensor) -> torch.Tensor | None:
+    """The weights of IMTL-G or ConFIG (``name``) where G is provably invertible on its nonzero rows
+    (then A⁺1 is a Cholesky solve), else None: the caller uses the eigendecomposition."""
     g = g.contiguous()
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64)
-    status = _kkt.imtl_g(g.data_ptr(), w.data_ptr(), k, k)
+    status = getattr(_kkt, name)(g.data_ptr(), w.data_ptr(), k, k)
     if status == _FALLBACK:
         return None
-    _check(status, "IMTL-G")
+    _check(status, name)
     return w
