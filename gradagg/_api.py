@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _methods, distributed  # noqa: F401  (_methods registers every method)
-from ._gramian import accumulation_dtype, fast, gramian_op, rescaled
+from ._gramian import accumulation_dtype, clean, clean_gramian_op, gramian_of_leaves, host_gramian
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
 from .solvers import native
 from .solvers.spectral import nearest_psd
@@ -328,29 +328,18 @@ def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch
     return w
 
 
-def _clean(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # BLAS may sum G_ij and G_ji in different orders: in float32 they differ in the 7th digit, and
-    # the solvers read one triangle in one place and the other in another.
-    g = 0.5 * (g + g.T)
-    return g if dtype == torch.float64 else nearest_psd(g)  # float32 sums can leave G a hair indefinite
-
-
 def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool,
                         group: Any = None) -> tuple[torch.Tensor, bool | None]:
     """(G, whether G is finite where that came for free, else None)."""
     detached = [leaf.detach() for leaf in leaves]
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
-    if group is None and native.on_host(detached[0]):
-        # On the CPU one call into C symmetrises, converts and tests G (finite, overflow, PSD).
-        g, flags = native.prepare(fast(detached, dtype), dtype != torch.float64)
-        if flags & native.RESCUE:
-            return _clean(rescaled(detached, dtype), dtype), None
-        return (nearest_psd(g) if flags & native.INDEFINITE else g), not flags & native.NONFINITE
     rescue = check_finite or detached[0].device.type == "cpu"
-    g = gramian_op(detached, rescue)
-    if group is not None:  # parameter shards: G = Σ_ranks J_r J_rᵀ, the only thing that travels
-        g = distributed.all_reduce_sum(g, group)
-    return _clean(g, dtype), None
+    if group is None:
+        if native.on_host(detached[0]):
+            return host_gramian(detached, dtype)
+        return clean_gramian_op(detached, rescue), None
+    # Parameter shards: G = Σ_ranks J_r J_rᵀ, the only thing that travels (eager only).
+    return clean(distributed.all_reduce_sum(gramian_of_leaves(detached, rescue), group), dtype), None
 
 
 def _gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:

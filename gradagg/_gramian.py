@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .solvers import native
 from .solvers._loop import opaque
+from .solvers.spectral import nearest_psd
 
 # Positive diagonal entries below these are suspected of underflow in the accumulation dtype.
 _TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
@@ -68,9 +70,30 @@ def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
     return g.to(torch.float64)
 
 
-def _gramian_impl(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
-    """``gramian_of_leaves`` as one operator, so the overflow rescue stays out of compiled graphs."""
-    return gramian_of_leaves(leaves, rescue)
+def clean(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """G symmetrised, and for float32 accumulation projected back to PSD where rounding left it a
+    hair indefinite. (BLAS may sum G_ij and G_ji in different orders: in float32 they differ in
+    the 7th digit, and the solvers read one triangle in one place and the other in another.)"""
+    g = 0.5 * (g + g.T)
+    return g if dtype == torch.float64 else nearest_psd(g)
+
+
+def host_gramian(leaves: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, bool | None]:
+    """The clean Gramian of CPU leaves, with one call into C to symmetrise, convert and test it
+    (finite, overflow, PSD); returns (G, whether G is finite, or None where a rescue recomputed it)."""
+    g, flags = native.prepare(fast(leaves, dtype), dtype != torch.float64)
+    if flags & native.RESCUE:
+        return clean(rescaled(leaves, dtype), dtype), None
+    return (nearest_psd(g) if flags & native.INDEFINITE else g), not flags & native.NONFINITE
+
+
+def _clean_gramian_impl(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
+    """The clean float64 Gramian as one operator, so that the overflow rescue and the PSD test stay
+    out of compiled graphs."""
+    dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
+    if native.on_host(leaves[0]):
+        return host_gramian(leaves, dtype)[0]
+    return clean(gramian_of_leaves(leaves, rescue), dtype)
 
 
 def _gramian_fake(leaves, rescue):
@@ -78,4 +101,4 @@ def _gramian_fake(leaves, rescue):
     return leaves[0].new_empty((k, k), dtype=torch.float64)
 
 
-gramian_op = opaque("gramian", _gramian_fake)(_gramian_impl)
+clean_gramian_op = opaque("gramian", _gramian_fake)(_clean_gramian_impl)

@@ -82,26 +82,12 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
     return 1.0 / k + scale * u
 
 
-def _cagrad_impl(g: torch.Tensor, c: float) -> torch.Tensor:
-    """``cagrad_direction_weights`` as one opaque operator for compiled graphs."""
-    if native.usable(g):
-        return native.cagrad(g, c, MAX_OUTER)  # direction weights only
-    return cagrad_direction_weights(g, c)
-
-
-def _cagrad_fake(g, c):
-    return g.new_empty(g.shape[-1])
-
-
-cagrad_op = opaque("cagrad", _cagrad_fake)(_cagrad_impl)
-
-
-def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tensor:
-    k = g.shape[-1]
-    divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+def _cagrad_impl(g: torch.Tensor, c: float, divisor: float) -> torch.Tensor:
+    """CAGrad's weights for the Gramian g, divided by ``divisor`` (in C on the CPU)."""
     if native.usable(g):
         return native.cagrad(g, c, MAX_OUTER, divisor)
-    w = cagrad_op(g, c)
+    k = g.shape[-1]
+    w = cagrad_direction_weights(g, c)
     # Degenerate case (Jᵀw* = 0): every d of the ball with min_i g_i·d = 0 is optimal. The nearest
     # to g0 is g0 projected onto the dual cone; it is taken when it lies in the ball and beats the
     # formula's d on the CAGrad objective min_i g_i·d.
@@ -115,6 +101,13 @@ def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tens
     better = (g @ w_cone).amin() > (g @ w).amin() + 1e-9 * (1.0 + c) * unit.sqrt()
     w = torch.where(in_ball & better & (c > 0), w_cone, w)
     return w / divisor
+
+
+cagrad_weights = opaque("cagrad", lambda g, c, divisor: g.new_empty(g.shape[-1]))(_cagrad_impl)
+
+
+def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tensor:
+    return cagrad_weights(g, c, {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale])
 
 
 register(Method(

@@ -17,12 +17,13 @@ import torch
 
 from .._registry import Context, Method, register
 from ..solvers import native
+from ..solvers._loop import opaque
 from ..solvers.spectral import pinv_solve, unit_scaling
 
 NOISE = 1e-8
 
 
-def _config(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+def _config_impl(g: torch.Tensor) -> torch.Tensor:
     if native.usable(g):  # the common, provably invertible case in C; the rest via the eigendecomposition
         w = native.pinv_weighting("config", g)
         if w is not None:
@@ -35,6 +36,13 @@ def _config(g: torch.Tensor, ctx: Context) -> torch.Tensor:
     # (e.g. two opposite gradients), and only rounding noise is left.
     ok = (norm_sq > 0) & (coef.abs().amax() > NOISE)
     return torch.where(ok, (g.sum(0) @ v) / torch.where(ok, norm_sq, 1.0), 0.0) * v
+
+
+_config_op = opaque("config", lambda g: g.new_empty(g.shape[-1]))(_config_impl)
+
+
+def _config(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    return _config_op(g)
 
 
 register(Method(

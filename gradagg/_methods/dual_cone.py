@@ -17,6 +17,7 @@ import torch
 
 from .._registry import Context, Method, Option, as_vector, k_vector, register
 from ..solvers import native, nnqp_op, scaled_gramian
+from ..solvers._loop import opaque
 from ..solvers.active_set import default_budget
 
 EPS = 1e-10
@@ -35,18 +36,22 @@ def project_dual_cone(g: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     return (z + bound) * s
 
 
-def _upgrad(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
-    p = as_vector(pref, g)
+def _summed_impl(g: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Σ_rows project_dual_cone(g, lower), in C on the CPU."""
     if native.usable(g):
-        return native.dual_cone(g, torch.diag(p), sum_rows=True)
-    return project_dual_cone(g, torch.diag(p)).sum(0)
+        return native.dual_cone(g, lower, sum_rows=True)
+    return project_dual_cone(g, lower).sum(0)
+
+
+summed_projections = opaque("dual_cone", lambda g, lower: g.new_empty(g.shape[-1]))(_summed_impl)
+
+
+def _upgrad(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
+    return summed_projections(g, torch.diag(as_vector(pref, g)))
 
 
 def _dualproj(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
-    p = as_vector(pref, g)
-    if native.usable(g):
-        return native.dual_cone(g, p.unsqueeze(0), sum_rows=True)
-    return project_dual_cone(g, p.unsqueeze(0))[0]
+    return summed_projections(g, as_vector(pref, g).unsqueeze(0))
 
 
 _PREF = Option("pref", None, k_vector(nonnegative=True, positive_sum=True),

@@ -16,6 +16,7 @@ import torch
 
 from .._registry import Context, Method, Option, real_at_least, register
 from ..solvers import barrier_op, native, scaled_gramian
+from ..solvers._loop import opaque
 from ..solvers.barrier import MAX_ITER
 
 EPS = 1e-15
@@ -23,8 +24,6 @@ EPS = 1e-15
 
 def solve_power_equation(g: torch.Tensor, beta: float, u0: torch.Tensor | None = None) -> torch.Tensor:
     """w > 0 with (G + ε diag G) w = w^(−β); ``u0`` warm-starts in the scaled variable u = S⁻¹w."""
-    if u0 is None and native.usable(g):
-        return native.fairgrad(g, beta, MAX_ITER)
     # A zero gradient has no finite weight (its equation reads 0 = w^(−β)); it is decoupled as the
     # dummy equation u = u^(−β) (so u = 1) and gets weight 0, which changes nothing in d.
     a, s, _ = scaled_gramian(g, EPS, zero_eps=1.0)
@@ -34,8 +33,18 @@ def solve_power_equation(g: torch.Tensor, beta: float, u0: torch.Tensor | None =
     return torch.where(torch.diagonal(g) > 0, s * u, 0.0)
 
 
+def _fairgrad_impl(g: torch.Tensor, beta: float) -> torch.Tensor:
+    """``solve_power_equation`` from its default start, in C on the CPU."""
+    if native.usable(g):
+        return native.fairgrad(g, beta, MAX_ITER)
+    return solve_power_equation(g, beta)
+
+
+fairgrad_weights = opaque("fairgrad", lambda g, beta: g.new_empty(g.shape[-1]))(_fairgrad_impl)
+
+
 def _fairgrad(g: torch.Tensor, ctx: Context, alpha: float) -> torch.Tensor:
-    return solve_power_equation(g, 1.0 / alpha)
+    return fairgrad_weights(g, 1.0 / alpha)
 
 
 register(Method(

@@ -16,10 +16,11 @@ import torch
 
 from .._registry import Context, Method, register
 from ..solvers import native
+from ..solvers._loop import opaque
 from ..solvers.spectral import pinv_solve, unit_scaling
 
 
-def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+def _imtl_g_impl(g: torch.Tensor) -> torch.Tensor:
     if native.usable(g):  # the common, safely invertible case in C; the rest via the eigendecomposition
         w = native.pinv_weighting("imtl_g", g)
         if w is not None:
@@ -31,6 +32,13 @@ def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
     # As for ConFIG: A⁺1 below 1e-8 is rounding noise (1 ⊥ range(A)), not a direction.
     ok = (total.abs() > 1e-12 * v.abs().sum()) & (coef.abs().amax() > 1e-8)
     return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0)
+
+
+_imtl_g_op = opaque("imtl_g", lambda g: g.new_empty(g.shape[-1]))(_imtl_g_impl)
+
+
+def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    return _imtl_g_op(g)
 
 
 register(Method(

@@ -20,13 +20,14 @@ import torch
 
 from .._registry import Context, Method, register
 from ..solvers import native, nnqp_op, scaled_gramian
+from ..solvers._loop import opaque
 from ..solvers.active_set import default_budget
 
 EPS = 1e-10
 REFINE = 2
 
 
-def mgda_weights(g: torch.Tensor) -> torch.Tensor:
+def _mgda_impl(g: torch.Tensor) -> torch.Tensor:
     """The min-norm simplex weights for the Gramian g (float64)."""
     if native.usable(g):
         return native.mgda(g)
@@ -36,6 +37,9 @@ def mgda_weights(g: torch.Tensor) -> torch.Tensor:
     y, _ = nnqp_op(a, q, reg, default_budget(g.shape[-1]), REFINE, q.abs())
     v = s * y[0]
     return v / v.sum()
+
+
+mgda_weights = opaque("mgda", lambda g: g.new_empty(g.shape[-1]))(_mgda_impl)
 
 
 def _mgda(g: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -14,33 +14,54 @@ import torch
 
 from .._registry import Context, Method, register
 from ..solvers import native
+from ..solvers._loop import opaque
 
 
 def _keys(k: int, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform random keys [K, K]: row i projects on the other tasks in the order of its keys."""
     return torch.rand(k, k, generator=generator, dtype=g.dtype, device=g.device)
+
+
+def _orders(keys: torch.Tensor) -> torch.Tensor:
+    k = keys.shape[-1]
+    keys = keys + 2.0 * torch.eye(k, dtype=keys.dtype, device=keys.device)  # i itself sorts last
+    return keys.argsort(-1)[:, : k - 1]
 
 
 def random_orders(k: int, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Row i: the K − 1 other tasks in a uniformly random order ([K, K−1])."""
-    keys = _keys(k, g, generator) + 2.0 * torch.eye(k, dtype=g.dtype, device=g.device)  # i itself sorts last
-    return keys.argsort(-1)[:, : k - 1]
+    return _orders(_keys(k, g, generator))
 
 
-def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """The coefficient matrix C with rows g_i' = Σ_j C_ij g_j."""
+def _pcgrad_impl(g: torch.Tensor, keys: torch.Tensor, weights: bool) -> torch.Tensor:
+    """The coefficient matrix C with rows g_i' = Σ_j C_ij g_j, or its column sums 1ᵀC (``weights``);
+    in C on the CPU."""
+    if native.usable(g):
+        return native.pcgrad(g, keys, weights)
     k = g.shape[-1]
     diag = torch.diagonal(g)
     safe = torch.where(diag > 0, diag, 1.0)
-    if native.usable(g):
-        return native.pcgrad(g, _keys(k, g, generator), weights=False)
-    order = random_orders(k, g, generator)
+    order = _orders(keys)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
     for t in range(k - 1):
         j = order[:, t]
         dot = (c @ g).gather(1, j.unsqueeze(1)).squeeze(1)  # g_i'·g_j
         coef = torch.where((dot < 0) & (diag[j] > 0), dot / safe[j], 0.0)
         c = c - coef.unsqueeze(1) * torch.nn.functional.one_hot(j, k).to(g.dtype)
-    return c
+    return c.sum(0) if weights else c
+
+
+def _pcgrad_fake(g, keys, weights):
+    k = g.shape[-1]
+    return g.new_empty(k) if weights else g.new_empty((k, k))
+
+
+pcgrad_op = opaque("pcgrad", _pcgrad_fake)(_pcgrad_impl)
+
+
+def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The coefficient matrix C of the surgery, with orders drawn from ``generator``."""
+    return pcgrad_op(g, _keys(g.shape[-1], g, generator), False)
 
 
 def _transform(g: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -48,9 +69,7 @@ def _transform(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if native.usable(g):
-        return native.pcgrad(g, _keys(g.shape[-1], g, ctx.generator), weights=True)
-    return pcgrad_matrix(g, ctx.generator).sum(0)
+    return pcgrad_op(g, _keys(g.shape[-1], g, ctx.generator), True)
 
 
 register(Method(

@@ -92,7 +92,7 @@ def barrier(a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max
     return u
 
 
-def cagrad(g: torch.Tensor, c: float, max_outer: int, divisor: float = 0.0) -> torch.Tensor:
+def cagrad(g: torch.Tensor, c: float, max_outer: int, divisor: float) -> torch.Tensor:
     """CAGrad's weights: with a divisor > 0, those of ``_methods.cagrad._cagrad`` (degenerate case
     included) divided by it; otherwise the direction weights of ``cagrad_direction_weights``."""
     g = g.contiguous()
