@@ -1030,12 +1030,192 @@ static PyObject *py_imtl_g(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return run_weighting(args, nargs, 4, 2, w_imtl_g, "imtl_g");
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * The per-coordinate methods over rows [K, n] of J (float32 or float64, any strides), in blocks of
+ * columns so that every row is read once, in order (gradagg/_methods/elementwise.py).
+ */
+#define BLOCK 512
+
+/* The uniform U of coordinate `index`: the top 24 bits of a 32-bit integer hash (Wellons'
+ * "lowbias32", applied twice to mix in both halves of the seed) of the index. Counter-based, so
+ * every coordinate's draw is fixed by (seed, index) alone, and 32-bit arithmetic, so the compiler
+ * vectorises it. */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float uniform24(uint64_t seed, uint64_t index) {
+    uint32_t bits = lowbias32(lowbias32((uint32_t)index + (uint32_t)seed) ^ (uint32_t)(seed >> 32));
+    return (float)(int32_t)(bits >> 8) * 0x1p-24f;
+}
+
+/* On x86-64 Linux with GCC the kernels are also built for AVX2 and chosen at load time. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#define KERNEL
+#endif
+
+/* Sums in the input precision T, as the torch version does; every select is branchless (the signs
+ * of random data defeat branch prediction). COL(c) is the offset of column c in a row: c for
+ * contiguous rows, so that the compiler vectorises the loops, c * s1 otherwise. */
+#define GRADDROP_KERNEL(NAME, T, COL)                                                                     \
+    KERNEL static void NAME(const T *r, long k, long n, long s0, long s1, const double *leak, uint64_t seed,\
+                     uint64_t offset, T *out) {                                                           \
+        T total[BLOCK], mag[BLOCK], absolute[BLOCK], signed_[BLOCK], leaked[BLOCK];                         \
+        for (long c0 = 0; c0 < n; c0 += BLOCK) {                                                          \
+            long nb = n - c0 < BLOCK ? n - c0 : BLOCK;                                                    \
+            for (long c = 0; c < nb; c++) total[c] = mag[c] = absolute[c] = signed_[c] = leaked[c] = 0;    \
+            for (long i = 0; i < k; i++) {                                                                \
+                const T *row = r + i * s0 + c0 * s1;                                                      \
+                if (leak) {                                                                               \
+                    T li = (T)leak[i], mi = (T)(1.0 - leak[i]);                                           \
+                    for (long c = 0; c < nb; c++) {                                                       \
+                        T x = row[COL(c)], ax = x < 0 ? -x : x;                                           \
+                        total[c] += x;                                                                    \
+                        mag[c] += ax;                                                                     \
+                        absolute[c] += mi * ax;                                                           \
+                        signed_[c] += mi * x;                                                             \
+                        leaked[c] += li * x;                                                              \
+                    }                                                                                     \
+                } else {                                                                                  \
+                    for (long c = 0; c < nb; c++) {                                                       \
+                        T x = row[COL(c)];                                                                \
+                        total[c] += x;                                                                    \
+                        mag[c] += x < 0 ? -x : x;                                                         \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            if (!leak)                                                                                    \
+                for (long c = 0; c < nb; c++) {                                                           \
+                    absolute[c] = mag[c];                                                                 \
+                    signed_[c] = total[c];                                                                \
+                }                                                                                         \
+            for (long c = 0; c < nb; c++) {                                                               \
+                T m = mag[c], nonzero = (T)(m > 0);                                                       \
+                T p = (T)0.5 * (1 + nonzero * total[c] / (m + (1 - nonzero)));                            \
+                T u = (T)uniform24(seed, offset + (uint64_t)(c0 + c));                                    \
+                T gt = (T)(p > u), lt = (T)(p < u);                                                       \
+                out[c0 + c] = leaked[c] + gt * (T)0.5 * (signed_[c] + absolute[c]) +                      \
+                              lt * (T)0.5 * (signed_[c] - absolute[c]);                                   \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+#define CONTIGUOUS(c) (c)
+#define STRIDED(c) ((c) * s1)
+GRADDROP_KERNEL(graddrop_f32, float, CONTIGUOUS)
+GRADDROP_KERNEL(graddrop_f64, double, CONTIGUOUS)
+GRADDROP_KERNEL(graddrop_f32_strided, float, STRIDED)
+GRADDROP_KERNEL(graddrop_f64_strided, double, STRIDED)
+
+/* graddrop(rows, is_float32, k, n, stride0, stride1, leak (0: none), seed, offset, out) */
+static PyObject *py_graddrop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "graddrop takes 10 arguments");
+        return NULL;
+    }
+    const void *rows = PyLong_AsVoidPtr(args[0]);
+    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]), n = PyLong_AsLong(args[3]);
+    long s0 = PyLong_AsLong(args[4]), s1 = PyLong_AsLong(args[5]);
+    const double *leak = PyLong_AsVoidPtr(args[6]);
+    uint64_t seed = PyLong_AsUnsignedLongLongMask(args[7]), offset = PyLong_AsUnsignedLongLongMask(args[8]);
+    void *out = PyLong_AsVoidPtr(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (f32)
+        (s1 == 1 ? graddrop_f32 : graddrop_f32_strided)(rows, k, n, s0, s1, leak, seed, offset, out);
+    else
+        (s1 == 1 ? graddrop_f64 : graddrop_f64_strided)(rows, k, n, s0, s1, leak, seed, offset, out);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(OK);
+}
+
+/* Per column: (Σ − the t largest − the t smallest) / (K − 2t). For t = 1 the extremes are a
+ * branchless running max and min; larger t keep the extremes in sorted slots. A NaN or ±Inf makes
+ * the sum, hence the result, non-finite. */
+#define TRIMMED_KERNEL(NAME, T, COL)                                                                      \
+    KERNEL static void NAME(const T *r, long k, long n, long s0, long s1, long t, T *work, T *out) {     \
+        T *sum = work, *top = sum + BLOCK, *bot = top + (size_t)BLOCK * (t > 0 ? t : 1);                  \
+        for (long c0 = 0; c0 < n; c0 += BLOCK) {                                                          \
+            long nb = n - c0 < BLOCK ? n - c0 : BLOCK;                                                    \
+            const T *first = r + c0 * s1;                                                                 \
+            for (long c = 0; c < nb; c++) sum[c] = top[c] = bot[c] = first[COL(c)];                       \
+            for (long i = 1; i < k; i++) {                                                                \
+                const T *row = r + i * s0 + c0 * s1;                                                      \
+                for (long c = 0; c < nb; c++) sum[c] += row[COL(c)];                                      \
+                if (t == 1)                                                                               \
+                    for (long c = 0; c < nb; c++) {                                                       \
+                        T x = row[COL(c)];                                                                \
+                        top[c] = x > top[c] ? x : top[c];                                                 \
+                        bot[c] = x < bot[c] ? x : bot[c];                                                 \
+                    }                                                                                     \
+            }                                                                                             \
+            if (t == 1) {                                                                                 \
+                for (long c = 0; c < nb; c++) out[c0 + c] = (sum[c] - top[c] - bot[c]) / (T)(k - 2);      \
+                continue;                                                                                 \
+            }                                                                                             \
+            for (long c = 0; c < nb; c++) {                                                               \
+                T kept = sum[c];                                                                          \
+                if (t > 1) {                                                                              \
+                    T *hi = top + c * t, *lo = bot + c * t;                                               \
+                    for (long i = 0; i < k; i++) {                                                        \
+                        T x = r[i * s0 + (c0 + c) * s1];                                                  \
+                        long p = i < t ? i : t - 1;                                                       \
+                        if (i >= t && !(x > hi[t - 1])) p = -1;                                           \
+                        for (; p > 0 && hi[p - 1] < x; p--) hi[p] = hi[p - 1];                            \
+                        if (p >= 0) hi[p] = x;                                                            \
+                        p = i < t ? i : t - 1;                                                            \
+                        if (i >= t && !(x < lo[t - 1])) p = -1;                                           \
+                        for (; p > 0 && lo[p - 1] > x; p--) lo[p] = lo[p - 1];                            \
+                        if (p >= 0) lo[p] = x;                                                            \
+                    }                                                                                     \
+                    for (long p = 0; p < t; p++) kept -= hi[p] + lo[p];                                   \
+                }                                                                                         \
+                out[c0 + c] = kept / (T)(k - 2 * t);                                                      \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+TRIMMED_KERNEL(trimmed_f32, float, CONTIGUOUS)
+TRIMMED_KERNEL(trimmed_f64, double, CONTIGUOUS)
+TRIMMED_KERNEL(trimmed_f32_strided, float, STRIDED)
+TRIMMED_KERNEL(trimmed_f64_strided, double, STRIDED)
+
+/* trimmed_mean(rows, is_float32, k, n, stride0, stride1, trim, out) */
+static PyObject *py_trimmed_mean(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "trimmed_mean takes 8 arguments");
+        return NULL;
+    }
+    const void *rows = PyLong_AsVoidPtr(args[0]);
+    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]), n = PyLong_AsLong(args[3]);
+    long s0 = PyLong_AsLong(args[4]), s1 = PyLong_AsLong(args[5]), t = PyLong_AsLong(args[6]);
+    void *out = PyLong_AsVoidPtr(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    double *work = malloc(sizeof(double) * (size_t)BLOCK * (1 + 2 * (size_t)(t > 0 ? t : 1)));
+    if (!work) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    if (f32)
+        (s1 == 1 ? trimmed_f32 : trimmed_f32_strided)(rows, k, n, s0, s1, t, (float *)work, out);
+    else
+        (s1 == 1 ? trimmed_f64 : trimmed_f64_strided)(rows, k, n, s0, s1, t, work, out);
+    Py_END_ALLOW_THREADS
+    free(work);
+    return PyLong_FromLong(OK);
+}
+
 static PyMethodDef methods[] = {
     {"nnqp", (PyCFunction)(void (*)(void))py_nnqp, METH_FASTCALL, "Batched nonnegative QP (see gradagg.solvers)."},
     {"barrier", (PyCFunction)(void (*)(void))py_barrier, METH_FASTCALL, "Newton for A u = c u^-beta."},
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
     {"imtl_g", (PyCFunction)(void (*)(void))py_imtl_g, METH_FASTCALL, "IMTL-G's weights from G."},
     {"config", (PyCFunction)(void (*)(void))py_config, METH_FASTCALL, "ConFIG's weights from G."},
+    {"graddrop", (PyCFunction)(void (*)(void))py_graddrop, METH_FASTCALL, "GradDrop over rows of J."},
+    {"trimmed_mean", (PyCFunction)(void (*)(void))py_trimmed_mean, METH_FASTCALL, "Trimmed mean over rows of J."},
     {"mgda", (PyCFunction)(void (*)(void))py_mgda, METH_FASTCALL, "MGDA's weights from G."},
     {"dual_cone", (PyCFunction)(void (*)(void))py_dual_cone, METH_FASTCALL, "Dual-cone projections (UPGrad)."},
     {"cagrad_weights", (PyCFunction)(void (*)(void))py_cagrad_weights, METH_FASTCALL, "CAGrad's weights from G."},

@@ -74,3 +74,40 @@ def test_non_finite_input_gives_nan(method):
     state = gradagg.init(method, 3) if gradagg.methods()[method].stateful else None
     w = gradagg.weights(j, method, state=state, check_finite=False)
     assert torch.isnan(w).all()
+
+
+@given(k=st.integers(1, 12), n=st.integers(1, 1100), seed=st.integers(0, 2**31), strided=st.booleans(),
+       double=st.booleans())
+def test_trimmed_mean_same_as_torch(k, n, seed, strided, double):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    j = torch.randn(n, k, generator=gen, dtype=dtype).T if strided else torch.randn(k, n, generator=gen, dtype=dtype)
+    for trim in range((k - 1) // 2 + 1):
+        fast = gradagg.aggregate(j, "trimmed_mean", trim=trim)
+        with native.disabled():
+            reference = gradagg.aggregate(j, "trimmed_mean", trim=trim)
+        tol = 1e-12 if double else 1e-5
+        torch.testing.assert_close(fast, reference, rtol=tol, atol=tol)
+
+
+@given(k=st.integers(1, 9), n=st.integers(1, 1100), seed=st.integers(0, 2**31), strided=st.booleans())
+def test_graddrop_picks_a_sign_per_coordinate(k, n, seed, strided):
+    """With leakage ℓ the result is ℓᵀJ + (1−ℓ)ᵀ(J⁺ or J⁻) per coordinate, in C as in torch."""
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.randn(n, k, generator=gen, dtype=torch.float64).T if strided else torch.randn(k, n, generator=gen,
+                                                                                          dtype=torch.float64)
+    ell = torch.rand(k, generator=gen, dtype=torch.float64)
+    d = gradagg.aggregate(j, "graddrop", leakage=ell.tolist(), generator=gen)
+    base = ell @ j
+    pos, neg = base + (1 - ell) @ j.clamp_min(0), base + (1 - ell) @ j.clamp_max(0)
+    assert bool((torch.isclose(d, pos, rtol=1e-12, atol=1e-12) | torch.isclose(d, neg, rtol=1e-12, atol=1e-12)).all())
+    torch.testing.assert_close(gradagg.aggregate(j, "graddrop", leakage=1.0), j.sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_graddrop_draws_are_reproducible_and_fair():
+    j = torch.stack([torch.ones(200_000), -torch.ones(200_000) / 3])  # P = 0.75 on every coordinate
+    a = gradagg.aggregate(j, "graddrop", generator=torch.Generator().manual_seed(3))
+    b = gradagg.aggregate(j, "graddrop", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    kept_positive = float((a > 0).double().mean())
+    assert abs(kept_positive - 0.75) < 0.005  # ~5 standard deviations of a Bernoulli(0.75) mean

@@ -177,3 +177,26 @@ def pinv_weighting(name: str, g: torch.Tensor) -> torch.Tensor | None:
         return None
     _check(status, name)
     return w
+
+
+def rows_ok(rows: list[torch.Tensor]) -> bool:
+    """Whether the per-coordinate methods may run in C on these rows [K, n] (eager, CPU, float32/64)."""
+    return _enabled and not torch.compiler.is_compiling() and all(
+        r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64) for r in rows)
+
+
+def graddrop(r: torch.Tensor, leakage: torch.Tensor | None, seed: int, offset: int) -> torch.Tensor:
+    """GradDrop of the rows r [K, n], with U for column c hashed from (seed, offset + c)."""
+    out = torch.empty(r.shape[1], dtype=r.dtype)
+    leak = None if leakage is None else leakage.to(dtype=torch.float64, device="cpu").contiguous()
+    _kkt.graddrop(r.data_ptr(), int(r.dtype == torch.float32), r.shape[0], r.shape[1], r.stride(0), r.stride(1),
+                  0 if leak is None else leak.data_ptr(), seed, offset, out.data_ptr())
+    return out
+
+
+def trimmed_mean(r: torch.Tensor, trim: int) -> torch.Tensor:
+    """The trimmed mean of the rows r [K, n], column by column."""
+    out = torch.empty(r.shape[1], dtype=r.dtype)
+    _kkt.trimmed_mean(r.data_ptr(), int(r.dtype == torch.float32), r.shape[0], r.shape[1], r.stride(0), r.stride(1),
+                      trim, out.data_ptr())
+    return out
