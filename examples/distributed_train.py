@@ -57,6 +57,7 @@ def main() -> None:
     if rank == 0:
         print(f"total loss {float(first.sum()):.4f} -> {float(losses.sum()):.4f} on {world} ranks", flush=True)
         assert losses.sum() < 0.5 * first.sum(), "the losses did not go down"
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -88,13 +88,13 @@ class _Plan:
     losses: torch.Tensor | None
     generator: torch.Generator | None
 
-    @property
-    def uses_gramian(self) -> bool:
-        return self.normalizer is not None or any(step.method.uses_gramian for step in self.steps)
+    #: Whether G is formed, and whether the plan is one weighting alone (set from the fields).
+    uses_gramian: bool = dataclasses.field(init=False)
+    simple: bool = dataclasses.field(init=False)
 
-    @property
-    def simple(self) -> bool:
-        return len(self.steps) == 1 and self.tail is None and self.normalizer is None
+    def __post_init__(self) -> None:
+        self.uses_gramian = self.normalizer is not None or any(step.method.uses_gramian for step in self.steps)
+        self.simple = len(self.steps) == 1 and self.tail is None and self.normalizer is None
 
 
 def _elements(method: Any, options: dict[str, Any]) -> list[tuple[Method, dict[str, Any]]]:
@@ -218,15 +218,27 @@ def _unflatten(out: list[torch.Tensor], tree: Any) -> Any:
     return out[0] if tree is None else pytree.tree_unflatten(out, tree)
 
 
-def _combine(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """wᵀJ_l for every leaf, in each leaf's dtype and shape."""
+def _combine(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype,
+             group: Any = None) -> tuple[list[torch.Tensor], bool | None]:
+    """(wᵀJ_l for every leaf, in each leaf's dtype and shape; whether their sum is finite, where
+    that came for free, else None). w is float64."""
+    differentiable = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
+    if group is None and not differentiable and native.combine_ok(w, leaves, dtype):
+        out, finite = [], True
+        w = w.contiguous()
+        for leaf in leaves:
+            d, ok = native.combine(w, leaf if leaf.dim() == 2 else leaf.reshape(leaf.shape[0], -1))
+            finite = finite and ok
+            out.append(d if leaf.dim() == 2 else d.reshape(leaf.shape[1:]))
+        return out, finite
+    w = w.to(dtype)
     out = []
     for leaf in leaves:
         d = w @ _rows(leaf, dtype)
         if d.dtype != leaf.dtype:
             d = d.to(leaf.dtype)
         out.append(d if leaf.dim() == 2 else d.reshape(leaf.shape[1:]))
-    return out
+    return out, None
 
 
 _ZEROS: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -234,12 +246,12 @@ _FIXED: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _fixed_weights(method: Method, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The weights of a method whose weights depend on K alone, in the compute dtype (cached)."""
+    """The weights (float64) of a method whose weights depend on K alone (cached)."""
     key = (method.name, k, dtype, device)
     if key not in _FIXED:
         if len(_FIXED) > 64:
             _FIXED.clear()
-        _FIXED[key] = method.weighting(_zero_gramian(k, device), Context()).to(dtype)
+        _FIXED[key] = method.weighting(_zero_gramian(k, device), Context())
     return _FIXED[key]
 
 
@@ -418,9 +430,12 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             w, g = _fixed_weights(plan.steps[0].method, k, dtype, device), None
         else:
             w, g = _weights(leaves, plan, normalize, check_finite, group)
-        out = _combine(w.to(dtype), leaves, dtype)
+        out, finite = _combine(w, leaves, dtype, group)
         if g is None and _eager_checks(check_finite):
-            _check_output(out, leaves, group)
+            if finite is None:
+                _check_output(out, leaves, group)
+            elif not finite:
+                _raise_non_finite(leaves, group)
         return _unflatten(out, tree)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:

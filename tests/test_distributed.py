@@ -120,8 +120,17 @@ def test_the_example_runs_with_torchrun():
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "examples" / "distributed_train.py"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), "--steps", "60"],
-                            capture_output=True, text=True, timeout=300)
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), "--steps", "60"],
+                              capture_output=True, text=True, timeout=300)
+
+    result = run()
+    # Gloo's worker threads can abort a process at interpreter exit after all the work is done
+    # ("terminate called without an active exception", pytorch/pytorch#190489, about one run in
+    # ten here). That teardown race, and only that, earns a second run.
+    if result.returncode != 0 and "on 2 ranks" in result.stdout and "terminate called" in result.stderr:
+        result = run()
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 2 ranks" in result.stdout

@@ -26,6 +26,7 @@ except ImportError:  # built without a C compiler: the torch solvers serve every
     _kkt = None
 
 _OK, _NONFINITE, _UNCONVERGED, _NOMEM, _FALLBACK = 0, 1, 2, 3, 4
+_HOST_DTYPES = (torch.float32, torch.float64)
 _enabled = _kkt is not None and os.environ.get("GRADAGG_NATIVE", "1") != "0"
 
 
@@ -200,3 +201,28 @@ def trimmed_mean(r: torch.Tensor, trim: int) -> torch.Tensor:
     _kkt.trimmed_mean(r.data_ptr(), int(r.dtype == torch.float32), r.shape[0], r.shape[1], r.stride(0), r.stride(1),
                       trim, out.data_ptr())
     return out
+
+
+#: Up to this many entries of J, d = wᵀJ is formed in C, which also reports whether Σd is finite:
+#: below it one BLAS call and one reduction cost more in dispatch than the arithmetic; above it
+#: BLAS (multi-threaded) is faster and the extra reduction is small beside the product.
+COMBINE_MAX = 1 << 18
+
+
+def combine_ok(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``combine`` applies: eager CPU, float32/float64 leaves of the compute dtype, small J."""
+    if (not _enabled or w.device.type != "cpu" or w.dtype != torch.float64 or dtype not in _HOST_DTYPES
+            or torch.compiler.is_compiling()):
+        return False
+    if len(leaves) == 1:
+        return leaves[0].dtype == dtype and leaves[0].numel() <= COMBINE_MAX
+    return sum(leaf.numel() for leaf in leaves) <= COMBINE_MAX and all(leaf.dtype == dtype for leaf in leaves)
+
+
+def combine(w: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(wᵀr for the rows r [K, n] in r's dtype, whether its sum is finite); w float64 [K], contiguous."""
+    k, n = r.shape
+    s0, s1 = r.stride()
+    out = torch.empty(n, dtype=r.dtype)
+    finite = _kkt.combine(w.data_ptr(), r.data_ptr(), r.dtype == torch.float32, k, n, s0, s1, out.data_ptr())
+    return out, finite
