@@ -1016,6 +1016,56 @@ static int config_solve(const double *g, int k, double *w, Arena *ar) {
     return OK;
 }
 
+/* Krum (gradagg/_methods/krum.py): row i scores the sum of its K − f − 2 smallest squared distances
+ * ‖g_i − g_j‖² = max(G_ii + G_jj − 2G_ij, 0), j ≠ i; scores are rounded to 36 significant bits
+ * (round half to even, as torch.round), and the m lowest (ties to the lower index) get 1/m. */
+static int krum_solve(const double *g, int k, int f, int m, double *w, Arena *ar) {
+    double *dist = take(ar, k), *score = take(ar, k);
+    int *order = (int *)take(ar, k);
+    int keep = k - f - 2;
+    for (int i = 0; i < k; i++) {
+        int n = 0;
+        for (int j = 0; j < k; j++) {
+            if (j == i) continue;
+            double d = g[(size_t)i * k + i] + g[(size_t)j * k + j] - 2.0 * g[(size_t)i * k + j];
+            d = d > 0.0 ? d : 0.0;
+            int p = n++;
+            while (p > 0 && dist[p - 1] > d) {
+                dist[p] = dist[p - 1];
+                p--;
+            }
+            dist[p] = d;
+        }
+        double total = 0.0;
+        for (int p = 0; p < keep; p++) total += dist[p];
+        int exponent;
+        double mantissa = frexp(total, &exponent);
+        score[i] = ldexp(nearbyint(mantissa * 0x1p36) * 0x1p-36, exponent);
+    }
+    for (int i = 0; i < k; i++) { /* stable insertion sort of the indices by score */
+        int p = i;
+        while (p > 0 && score[order[p - 1]] > score[i]) {
+            order[p] = order[p - 1];
+            p--;
+        }
+        order[p] = i;
+    }
+    for (int i = 0; i < k; i++) w[i] = 0.0;
+    for (int p = 0; p < m; p++) w[order[p]] = 1.0 / m;
+    return OK;
+}
+
+static int w_krum(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    long f = PyLong_AsLong(rest[0]), m = PyLong_AsLong(rest[1]);
+    if (PyErr_Occurred()) return -1;
+    return krum_solve(ptr[0], k, (int)f, (int)m, ptr[1], ar);
+}
+
+/* krum(g, w, k, k, f, m) */
+static PyObject *py_krum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 6, 2, w_krum, "krum");
+}
+
 static int w_config(void **ptr, PyObject *const *rest, int k, Arena *ar) { return config_solve(ptr[0], k, ptr[1], ar); }
 
 /* config(g, w, k, k) -> status (4: use the torch path) */
@@ -1265,6 +1315,7 @@ static PyMethodDef methods[] = {
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
     {"imtl_g", (PyCFunction)(void (*)(void))py_imtl_g, METH_FASTCALL, "IMTL-G's weights from G."},
     {"config", (PyCFunction)(void (*)(void))py_config, METH_FASTCALL, "ConFIG's weights from G."},
+    {"krum", (PyCFunction)(void (*)(void))py_krum, METH_FASTCALL, "Krum's weights from G."},
     {"combine", (PyCFunction)(void (*)(void))py_combine, METH_FASTCALL, "d = wᵀJ and a finiteness flag."},
     {"graddrop", (PyCFunction)(void (*)(void))py_graddrop, METH_FASTCALL, "GradDrop over rows of J."},
     {"trimmed_mean", (PyCFunction)(void (*)(void))py_trimmed_mean, METH_FASTCALL, "Trimmed mean over rows of J."},

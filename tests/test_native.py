@@ -111,3 +111,13 @@ def test_graddrop_draws_are_reproducible_and_fair():
     assert torch.equal(a, b)
     kept_positive = float((a > 0).double().mean())
     assert abs(kept_positive - 0.75) < 0.005  # ~5 standard deviations of a Bernoulli(0.75) mean
+
+
+@given(case=cases(min_k=3), data=st.data())
+def test_krum_same_choice_as_torch(case, data):
+    k = case.k
+    f = data.draw(st.integers(0, k - 3))
+    m = data.draw(st.integers(1, k))
+    j = case.tensor()
+    fast, reference = _both(j, "krum", f=f, m=m)
+    np.testing.assert_array_equal(fast, reference)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 
 from .._registry import REQUIRED, Context, Method, Option, integer, register
+from ..solvers import native
 
 
 def _krum(g: torch.Tensor, ctx: Context, f: int, m: int) -> torch.Tensor:
+    if native.usable(g):
+        return native.krum(g, f, m)
     k = g.shape[-1]
     diag = torch.diagonal(g)
     dist = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * g).clamp_min(0)

@@ -142,6 +142,15 @@ def nash(g: torch.Tensor, previous: torch.Tensor, max_iter: int) -> torch.Tensor
     return alpha
 
 
+def krum(g: torch.Tensor, f: int, m: int) -> torch.Tensor:
+    """``_methods.krum._krum``."""
+    g = g.contiguous()
+    k = g.shape[-1]
+    w = torch.empty(k, dtype=torch.float64)
+    _check(_kkt.krum(g.data_ptr(), w.data_ptr(), k, k, f, m), "Krum")
+    return w
+
+
 #: Flags of ``prepare``.
 RESCUE, NONFINITE, INDEFINITE = 1, 2, 4
 
