@@ -33,6 +33,20 @@ class NonFiniteError(ValueError):
 # --- validation ----------------------------------------------------------------------------------
 
 
+def _valid_leaves(leaves: list[Any]) -> bool:
+    """One quick pass for the common, valid case (the checks below explain any failure)."""
+    first = leaves[0]
+    if type(first) is not torch.Tensor or first.dim() == 0 or first.shape[0] == 0:
+        return False
+    k, device, cpu = first.shape[0], first.get_device(), first.is_cpu
+    for leaf in leaves:
+        if (type(leaf) is not torch.Tensor or not leaf.is_floating_point() or leaf.dim() == 0
+                or leaf.shape[0] != k or leaf.get_device() != device or leaf.is_cpu != cpu):
+            return False
+    # get_device() is -1 on every device without an index (CPU, meta, ...): compare those in full.
+    return cpu or device >= 0 or all(leaf.device == first.device for leaf in leaves)
+
+
 def _flatten(jac: Any) -> tuple[list[torch.Tensor], Any, int]:
     """(leaves, tree spec (None for a single Tensor), K), validated."""
     if type(jac) is torch.Tensor:  # the common case, without the pytree machinery
@@ -42,6 +56,8 @@ def _flatten(jac: Any) -> tuple[list[torch.Tensor], Any, int]:
     leaves, spec = pytree.tree_flatten(jac)
     if not leaves:
         raise ValueError("jac is empty: give a Tensor [K, ...] or a pytree of such tensors")
+    if _valid_leaves(leaves):
+        return leaves, spec, leaves[0].shape[0]
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"every leaf of jac must be a torch.Tensor; leaf {i} is {type(leaf).__name__}")
@@ -241,6 +257,32 @@ def _combine(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype,
     return out, None
 
 
+#: Pytrees of at most this many entries (2 MiB of float32) are packed into one [K, D] buffer: every
+#: operation per leaf costs microseconds of dispatch, which for small leaves exceeds the arithmetic.
+#: Larger pytrees are processed leaf by leaf, without a K x D copy.
+PACK_MAX = 1 << 19
+
+
+def _pack(leaves: list[torch.Tensor], k: int) -> torch.Tensor | None:
+    if len(leaves) < 2 or torch.compiler.is_compiling():
+        return None
+    first = leaves[0]
+    total = 0
+    for leaf in leaves:
+        if leaf.dtype != first.dtype:
+            return None
+        total += leaf.numel()
+    if total > PACK_MAX:
+        return None
+    return torch.cat([leaf if leaf.dim() == 2 else leaf.flatten(1) for leaf in leaves], 1)
+
+
+def _unpack(d: torch.Tensor, leaves: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """The packed result split back into the leaves' shapes (views of d)."""
+    parts = d.split_with_sizes([leaf.numel() // k for leaf in leaves])
+    return [part if leaf.dim() == 2 else part.view(leaf.shape[1:]) for part, leaf in zip(parts, leaves)]
+
+
 _ZEROS: dict[tuple[int, torch.device], torch.Tensor] = {}
 _FIXED: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -421,6 +463,11 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         held constant.
     """
     leaves, tree, k = _flatten(jac)
+    packed = _pack(leaves, k)
+    if packed is not None:  # a small pytree: one [K, D] buffer costs less than a dispatch per leaf
+        d = aggregate(packed, method, normalize=normalize, generator=generator, state=state, losses=losses,
+                      grad_normalizer=grad_normalizer, check_finite=check_finite, group=group, **options)
+        return _unflatten(_unpack(d, leaves, k), tree)
     device = leaves[0].device
     plan = _make_plan(method, k, device, normalize, generator, state, losses, grad_normalizer, options)
     plan, group = _distribute(plan, group, device)
