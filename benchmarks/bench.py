@@ -165,20 +165,38 @@ def table(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> str:
+    """One line per target of the benchmark (see the README's performance section)."""
+    def case(r: dict) -> str:
+        return f"{r['method']} K={r['K']} D={r['D']:.0e}"
+
     both = [r for r in rows if r.get("torchjd_s")]
     lines = []
     if both:
         speedups = [r["torchjd_s"] / r["eager_s"] for r in both]
         geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-        worst = min(both, key=lambda r: r["torchjd_s"] / r["eager_s"])
-        lines.append(f"geometric-mean speed-up over TorchJD (eager): x{geo:.2f} over {len(both)} cases; "
-                     f"worst x{worst['torchjd_s'] / worst['eager_s']:.2f} ({worst['method']}, K={worst['K']}, "
-                     f"D={worst['D']})")
+        slower = sorted((r for r in both if r["torchjd_s"] < r["eager_s"]), key=lambda r: r["torchjd_s"] / r["eager_s"])
+        lines.append(f"- geometric-mean speed-up over TorchJD (eager): x{geo:.2f} over {len(both)} cases")
+        lines.append(f"- cases where TorchJD is faster: {len(slower)}" + "".join(
+            f"; {case(r)} (x{r['torchjd_s'] / r['eager_s']:.2f})" for r in slower))
     big = [r for r in rows if r["D"] >= 10**6 and r["method"] not in ("graddrop", "trimmed_mean")]
     if big:
         worst = max(big, key=lambda r: r["eager_s"] / r["floor_s"])
-        lines.append(f"D ≥ 1e6, weightings, eager/floor: worst x{worst['eager_s'] / worst['floor_s']:.2f} "
-                     f"({worst['method']}, K={worst['K']})")
+        lines.append(f"- D ≥ 1e6, weightings, eager/floor: worst x{worst['eager_s'] / worst['floor_s']:.2f} "
+                     f"({case(worst)})")
+    small = [r for r in rows if r["D"] <= 10**4 and r["K"] <= 32 and r.get("compiled_s")]
+    if small:
+        worst = max(small, key=lambda r: r["compiled_s"] / r["floor_s"])
+        over = [r for r in small if r["compiled_s"] > 3 * r["floor_s"]]
+        lines.append(f"- D ≤ 1e4, K ≤ 32, compiled/floor: worst x{worst['compiled_s'] / worst['floor_s']:.2f} "
+                     f"({case(worst)}); {len(over)} of {len(small)} cases above x3")
+    for d in sorted({r["D"] for r in rows if r.get("pytree_s")}):
+        sel = [r for r in rows if r["D"] == d and r.get("pytree_s")]
+        worst = max(sel, key=lambda r: r["pytree_s"] / r["eager_s"])
+        ratio = worst["pytree_s"] / worst["eager_s"]
+        lines.append(f"- pytree (50 leaves) / one tensor at D={d:.0e}: worst x{ratio:.2f} ({case(worst)})")
+    worst = max(rows, key=lambda r: r["peak_extra_bytes"] / r["input_bytes"])
+    lines.append(f"- peak extra memory / input: worst {worst['peak_extra_bytes'] / worst['input_bytes']:.2f} "
+                 f"({case(worst)})")
     return "\n".join(lines)
 
 

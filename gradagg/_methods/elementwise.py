@@ -105,7 +105,7 @@ def _trimmed_mean(rows: list[torch.Tensor], ctx: Context, trim: int) -> list[tor
         kept = torch.ones(k, dtype=r.dtype, device=r.device) @ r
         if trim > 0:
             kept = kept - _extreme_sum(r, trim, True) - _extreme_sum(r, trim, False)
-        out.append(kept / (k - 2 * trim))
+        out.append(kept.div_(k - 2 * trim))  # in place: no second output-sized buffer
     return out
 
 
