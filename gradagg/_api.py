@@ -179,8 +179,10 @@ _PLANS: dict[tuple[Any, ...], _Plan] = {}
 
 def _make_plan(method: Any, k: int, device: torch.device, normalize: Any, generator: Any, state: Any,
                losses: Any, grad_normalizer: Any, options: dict[str, Any]) -> _Plan:
-    # A plain call (a method name, no options, state, losses or generator) is validated once.
-    plain = type(method) is str and not options and generator is None and state is None and losses is None
+    # A plain call (a method name, no options, state, losses or generator) is validated once (in
+    # eager mode: under torch.compile a global cache would only add guards).
+    plain = (type(method) is str and not options and generator is None and state is None and losses is None
+             and not torch.compiler.is_compiling())
     key = (method, k, device, normalize, grad_normalizer) if plain else None
     if key is not None and key in _PLANS:
         return _PLANS[key]
@@ -284,12 +286,14 @@ def _unpack(d: torch.Tensor, leaves: list[torch.Tensor], k: int) -> list[torch.T
 
 
 _ZEROS: dict[tuple[int, torch.device], torch.Tensor] = {}
-_FIXED: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+_FIXED: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
 
-def _fixed_weights(method: Method, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _fixed_weights(method: Method, k: int, device: torch.device) -> torch.Tensor:
     """The weights (float64) of a method whose weights depend on K alone (cached)."""
-    key = (method.name, k, dtype, device)
+    if torch.compiler.is_compiling():
+        return method.weighting(_zero_gramian(k, device), Context())
+    key = (method.name, k, device)
     if key not in _FIXED:
         if len(_FIXED) > 64:
             _FIXED.clear()
@@ -299,6 +303,8 @@ def _fixed_weights(method: Method, k: int, dtype: torch.dtype, device: torch.dev
 
 def _zero_gramian(k: int, device: torch.device) -> torch.Tensor:
     """A read-only stand-in for G, for the methods that never read it (mean, sum, constant, random)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(k, k, dtype=torch.float64, device=device)
     key = (k, device)
     if key not in _ZEROS:
         if len(_ZEROS) > 64:
@@ -474,7 +480,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if plan.tail is None:
         if plan.simple and plan.steps[0].method.fixed and normalize is None:
-            w, g = _fixed_weights(plan.steps[0].method, k, dtype, device), None
+            w, g = _fixed_weights(plan.steps[0].method, k, device), None
         else:
             w, g = _weights(leaves, plan, normalize, check_finite, group)
         out, finite = _combine(w, leaves, dtype, group)

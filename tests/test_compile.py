@@ -64,3 +64,23 @@ def test_compiled_non_finite_input_is_never_a_finite_answer(method, bad):
     j = torch.randn(5, 4)
     j[1, 1] = bad
     assert not torch.isfinite(compiled(j)).all()
+
+
+def test_eager_calls_in_between_cause_no_recompilation():
+    """The eager fast paths keep caches (validated plans, fixed weights); a compiled step must not
+    guard on them."""
+    j = torch.randn(3, 5)
+    compiled = torch.compile(lambda x: gradagg.aggregate(x, "mgda") + gradagg.aggregate(x, "mean"), fullgraph=True)
+    compiled(j)
+    gradagg.aggregate(j, "upgrad")
+    gradagg.aggregate(torch.randn(4, 6), "mean")
+    gradagg.aggregate({"a": torch.randn(3, 2), "b": torch.randn(3, 4)}, "mgda")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(compiled(j * 2), gradagg.aggregate(j * 2, "mgda") + gradagg.aggregate(j * 2, "mean"))
+
+
+def test_krum_compiles_at_k_32():
+    """Inductor's CPU code generation failed on Krum's tie quantisation at K = 32 (torch 2.13)."""
+    j = torch.randn(32, 50)
+    compiled = torch.compile(lambda x: gradagg.aggregate(x, "krum", f=1), fullgraph=True)
+    torch.testing.assert_close(compiled(j), gradagg.aggregate(j, "krum", f=1))
