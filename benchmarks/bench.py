@@ -2,7 +2,9 @@
 
     python -m benchmarks.bench [--out DIR] [--repeats N] [--ks 2,8,32,64] [--ds 10000,1000000] [--quick]
 
-For every case (K tasks x D coordinates, float32) it times, as medians over repeats:
+For every case (K tasks x D coordinates, float32) and method it times, as medians over repeats
+taken in interleaved rounds (one call of each per round, so that the machine's drift affects all
+columns of a row alike):
 - the floor: t(J @ J.T) + t(w @ J), the two passes over J that any Gramian-based method makes;
 - gradagg eager, and compiled with torch.compile(fullgraph=True);
 - TorchJD's aggregator for the same method, when torchjd is installed (``pip install -e .[bench]``);
@@ -63,21 +65,25 @@ def options(method: str, k: int) -> dict:
     return {"krum": {"f": max(0, min(1, k - 3))}, "trimmed_mean": {"trim": 1 if k >= 3 else 0}}.get(method, {})
 
 
-def median_time(fn, repeats: int, device: torch.device) -> float:
+def median_times(fns: dict, repeats: int, device: torch.device, budget: float = 20.0) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds (one call of each per
+    round), so that the machine's drift over time affects every column of a row alike. A function
+    that has spent ``budget`` seconds stops after 3 calls (TorchJD's cvxpy at K = 64)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    fn()
-    sync()
-    times = []
-    budget = time.perf_counter() + 20.0  # keep slow cases (TorchJD's cvxpy at K=64) bounded
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > budget and len(times) >= 3:
-            break
-    return statistics.median(times)
+        fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if len(times[name]) >= 3 and sum(times[name]) > budget:
+                continue
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_extra_bytes(fn, device: torch.device) -> int:
@@ -111,7 +117,6 @@ def run_case(k: int, d: int, device: torch.device, repeats: int, compiled: bool,
     gen = torch.Generator(device="cpu").manual_seed(k * 1000 + d % 997)
     j = torch.randn(k, d, generator=gen).to(device)
     w = torch.rand(k, generator=gen).to(device)
-    floor = median_time(lambda: j @ j.T, repeats, device) + median_time(lambda: w @ j, repeats, device)
     rows = []
     tree = split_leaves(j) if d >= 1000 else None
     for method in METHODS:
@@ -123,23 +128,28 @@ def run_case(k: int, d: int, device: torch.device, repeats: int, compiled: bool,
         def eager(method=method, opts=opts, state=state):
             return gradagg.aggregate(j, method, state=state, **opts)
 
-        row = {"method": method, "K": k, "D": d, "device": device.type, "floor_s": floor,
-               "eager_s": median_time(eager, repeats, device), "peak_extra_bytes": peak_extra_bytes(eager, device),
-               "input_bytes": j.numel() * j.element_size()}
+        # Every column of the row is timed in the same interleaved rounds, the floor included.
+        fns = {"gram": lambda: j @ j.T, "combine": lambda: w @ j, "eager_s": eager}
         if tree is not None:
-            row["pytree_s"] = median_time(lambda m=method, o=opts, s=state: gradagg.aggregate(tree, m, state=s, **o),
-                                          repeats, device)
+            fns["pytree_s"] = lambda m=method, o=opts, s=state: gradagg.aggregate(tree, m, state=s, **o)
         if compiled:
             torch._dynamo.reset()
             fn = torch.compile(lambda x, m=method, o=opts, s=state: gradagg.aggregate(x, m, state=s, **o),
                                fullgraph=True)
-            row["compiled_s"] = median_time(lambda fn=fn: fn(j), repeats, device)
+            fns["compiled_s"] = lambda fn=fn: fn(j)
+        row = {"method": method, "K": k, "D": d, "device": device.type}
         if torchjd is not None and method in torchjd:
             agg = torchjd[method](k)
             try:
-                row["torchjd_s"] = median_time(lambda agg=agg: agg(j), repeats, device)
+                agg(j)
+                fns["torchjd_s"] = lambda agg=agg: agg(j)
             except Exception as exc:  # a TorchJD failure is reported, not hidden
                 row["torchjd_error"] = f"{type(exc).__name__}: {exc}"[:120]
+        medians = median_times(fns, repeats, device)
+        row["floor_s"] = medians.pop("gram") + medians.pop("combine")
+        row.update(medians)
+        row["peak_extra_bytes"] = peak_extra_bytes(eager, device)
+        row["input_bytes"] = j.numel() * j.element_size()
         rows.append(row)
     return rows
 
@@ -218,8 +228,9 @@ def plot(rows: list[dict], path: Path) -> None:
             jd = [(r["K"], r["torchjd_s"] * 1e3) for r in sel if r.get("torchjd_s")]
             if jd:
                 ax.plot(*zip(*jd), marker="x", ls="--", c=line.get_color(), label=f"TorchJD {method}")
-        floor = sorted({(r["K"], r["floor_s"]) for r in rows if r["D"] == d})
-        ax.plot([k for k, _ in floor], [f * 1e3 for _, f in floor], c="k", lw=2, label="floor")
+        ks = sorted({r["K"] for r in rows if r["D"] == d})
+        floor = [statistics.median(r["floor_s"] for r in rows if r["D"] == d and r["K"] == k) * 1e3 for k in ks]
+        ax.plot(ks, floor, c="k", lw=2, label="floor (median over the rows)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("K (tasks)")
@@ -234,7 +245,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--ks", default="2,8,32,64")
     parser.add_argument("--ds", default="10000,1000000")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled column")
