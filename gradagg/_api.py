@@ -250,9 +250,12 @@ def _combine(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype,
             out.append(d if leaf.dim() == 2 else d.reshape(leaf.shape[1:]))
         return out, finite
     w = w.to(dtype)
+    # Compiled, Σ_i w_i J_i as a broadcast-and-reduce becomes one fused pass over J; inductor's
+    # extern mm for a [1, K] x [K, D] product is slower than that, and than eager BLAS.
+    compiling = torch.compiler.is_compiling()
     out = []
     for leaf in leaves:
-        d = w @ _rows(leaf, dtype)
+        d = (w.unsqueeze(1) * _rows(leaf, dtype)).sum(0) if compiling else w @ _rows(leaf, dtype)
         if d.dtype != leaf.dtype:
             d = d.to(leaf.dtype)
         out.append(d if leaf.dim() == 2 else d.reshape(leaf.shape[1:]))
