@@ -117,6 +117,8 @@ def run_case(k: int, d: int, device: torch.device, repeats: int, compiled: bool,
     gen = torch.Generator(device="cpu").manual_seed(k * 1000 + d % 997)
     j = torch.randn(k, d, generator=gen).to(device)
     w = torch.rand(k, generator=gen).to(device)
+    # A fresh J: let the allocator and the OS settle (first touches, page handling) before timing.
+    median_times({"gram": lambda: j @ j.T, "combine": lambda: w @ j}, 20, device)
     rows = []
     tree = split_leaves(j) if d >= 1000 else None
     for method in METHODS:
@@ -245,7 +247,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--ks", default="2,8,32,64")
     parser.add_argument("--ds", default="10000,1000000")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled column")
