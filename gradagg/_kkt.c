@@ -1066,6 +1066,121 @@ static PyObject *py_krum(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return run_weighting(args, nargs, 6, 2, w_krum, "krum");
 }
 
+/* Eigendecomposition of the symmetric n x n matrix a (destroyed) by cyclic Jacobi rotations
+ * (Golub & Van Loan, Matrix Computations, 8.5), which reach the eigenvalues to high relative
+ * accuracy: lam gets the eigenvalues, v (row-major) the eigenvectors as columns. Returns 0, or 1
+ * if 60 sweeps did not bring every off-diagonal entry below 1e-17 of its two diagonal entries. */
+static int jacobi_eigh(double *a, int n, double *lam, double *v) {
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) v[i * n + j] = i == j ? 1.0 : 0.0;
+    for (int sweep = 0; sweep < 60; sweep++) {
+        int rotated = 0;
+        for (int p = 0; p < n; p++)
+            for (int q = p + 1; q < n; q++) {
+                double apq = a[p * n + q];
+                if (apq == 0.0) continue;
+                /* Negligible beside the diagonal (below its rounding): set to 0, as Jacobi does. */
+                if (fabs(apq) <= 1e-17 * (fabs(a[p * n + p]) + fabs(a[q * n + q]))) {
+                    a[p * n + q] = a[q * n + p] = 0.0;
+                    continue;
+                }
+                rotated = 1;
+                double theta = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
+                double t = (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
+                for (int k = 0; k < n; k++) { /* A ← A J (columns p, q) */
+                    double akp = a[k * n + p], akq = a[k * n + q];
+                    a[k * n + p] = c * akp - s * akq;
+                    a[k * n + q] = s * akp + c * akq;
+                }
+                for (int k = 0; k < n; k++) { /* A ← Jᵀ A (rows p, q) */
+                    double apk = a[p * n + k], aqk = a[q * n + k];
+                    a[p * n + k] = c * apk - s * aqk;
+                    a[q * n + k] = s * apk + c * aqk;
+                }
+                a[p * n + q] = a[q * n + p] = 0.0;
+                for (int k = 0; k < n; k++) {
+                    double vkp = v[k * n + p], vkq = v[k * n + q];
+                    v[k * n + p] = c * vkp - s * vkq;
+                    v[k * n + q] = s * vkp + c * vkq;
+                }
+            }
+        if (!rotated) {
+            for (int i = 0; i < n; i++) lam[i] = a[i * n + i];
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Aligned-MTL (gradagg/_methods/aligned_mtl.py): w = σ V Λ^(−1/2) Vᵀ p over the eigenvalues above
+ * 1e-12 λ_max of G / max G_ii, σ² the smallest (mode 0), median (1) or mean (2) kept eigenvalue. */
+static int aligned_solve(const double *g, const double *pref, int k, int mode, double *w, Arena *ar) {
+    double *a = take(ar, (size_t)k * k), *v = take(ar, (size_t)k * k), *lam = take(ar, k), *x = take(ar, k),
+           *ordered = take(ar, k);
+    double peak = 0.0;
+    for (int i = 0; i < k; i++) peak = g[(size_t)i * k + i] > peak ? g[(size_t)i * k + i] : peak;
+    if (peak < DBL_MIN) peak = DBL_MIN;
+    for (size_t i = 0; i < (size_t)k * k; i++) a[i] = g[i] / peak;
+    if (jacobi_eigh(a, k, lam, v)) return FALLBACK;
+    double top = 0.0;
+    for (int i = 0; i < k; i++) top = lam[i] > top ? lam[i] : top;
+    int kept = 0;
+    double low = INFINITY, total = 0.0;
+    for (int i = 0; i < k; i++) {
+        int keep = lam[i] > 1e-12 * top;
+        ordered[i] = keep ? lam[i] : INFINITY;
+        if (keep) {
+            kept++;
+            total += lam[i];
+            low = lam[i] < low ? lam[i] : low;
+        }
+    }
+    double sigma2 = 0.0;
+    if (kept > 0) {
+        if (mode == 0) {
+            sigma2 = low;
+        } else if (mode == 2) {
+            sigma2 = total / kept;
+        } else {
+            for (int i = 1; i < k; i++) { /* sort: kept eigenvalues first, ascending */
+                double x0 = ordered[i];
+                int p = i;
+                while (p > 0 && ordered[p - 1] > x0) {
+                    ordered[p] = ordered[p - 1];
+                    p--;
+                }
+                ordered[p] = x0;
+            }
+            int lo = (kept - 1) / 2, hi = kept / 2 < k - 1 ? kept / 2 : k - 1;
+            sigma2 = 0.5 * (ordered[lo] + ordered[hi]);
+        }
+    }
+    double sigma = sqrt(sigma2);
+    for (int j = 0; j < k; j++) { /* x = Λ^(−1/2) Vᵀ p on the kept eigenvalues */
+        double vp = 0.0;
+        for (int i = 0; i < k; i++) vp += v[(size_t)i * k + j] * pref[i];
+        x[j] = lam[j] > 1e-12 * top ? vp / sqrt(lam[j]) : 0.0;
+    }
+    for (int i = 0; i < k; i++) {
+        double wi = 0.0;
+        for (int j = 0; j < k; j++) wi += v[(size_t)i * k + j] * x[j];
+        w[i] = sigma * wi;
+    }
+    return OK;
+}
+
+static int w_aligned(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    long mode = PyLong_AsLong(rest[0]);
+    if (PyErr_Occurred()) return -1;
+    return aligned_solve(ptr[0], ptr[1], k, (int)mode, ptr[2], ar);
+}
+
+/* aligned_mtl(g, pref, w, k, k, mode) -> status (4: use the torch path) */
+static PyObject *py_aligned_mtl(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return run_weighting(args, nargs, 6, 3, w_aligned, "aligned_mtl");
+}
+
 static int w_config(void **ptr, PyObject *const *rest, int k, Arena *ar) { return config_solve(ptr[0], k, ptr[1], ar); }
 
 /* config(g, w, k, k) -> status (4: use the torch path) */
@@ -1315,6 +1430,7 @@ static PyMethodDef methods[] = {
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
     {"imtl_g", (PyCFunction)(void (*)(void))py_imtl_g, METH_FASTCALL, "IMTL-G's weights from G."},
     {"config", (PyCFunction)(void (*)(void))py_config, METH_FASTCALL, "ConFIG's weights from G."},
+    {"aligned_mtl", (PyCFunction)(void (*)(void))py_aligned_mtl, METH_FASTCALL, "Aligned-MTL's weights from G."},
     {"krum", (PyCFunction)(void (*)(void))py_krum, METH_FASTCALL, "Krum's weights from G."},
     {"combine", (PyCFunction)(void (*)(void))py_combine, METH_FASTCALL, "d = wᵀJ and a finiteness flag."},
     {"graddrop", (PyCFunction)(void (*)(void))py_graddrop, METH_FASTCALL, "GradDrop over rows of J."},

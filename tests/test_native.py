@@ -42,7 +42,10 @@ def _both(j: torch.Tensor, method: str, **options) -> tuple[np.ndarray, np.ndarr
     return fast, reference
 
 
-@pytest.mark.parametrize("method", ["mgda", "upgrad", "dualproj", "cagrad", "pcgrad", "nash_mtl", "imtl_g", "config"])
+SOLVED_IN_C = ["mgda", "upgrad", "dualproj", "cagrad", "pcgrad", "nash_mtl", "imtl_g", "config", "aligned_mtl"]
+
+
+@pytest.mark.parametrize("method", SOLVED_IN_C)
 @given(case=st.one_of(cases(), large_k_cases()))
 def test_same_direction_as_the_torch_solver(method, case):
     j = case.tensor()
@@ -121,3 +124,13 @@ def test_krum_same_choice_as_torch(case, data):
     j = case.tensor()
     fast, reference = _both(j, "krum", f=f, m=m)
     np.testing.assert_array_equal(fast, reference)
+
+
+@given(case=cases(kinds=("random", "rank_deficient", "duplicate", "orthogonal", "zero_row")),
+       mode=st.sampled_from(["min", "median", "rmse"]))
+def test_aligned_mtl_jacobi_matches_eigh(case, mode):
+    j = case.tensor()
+    fast, reference = _both(j, "aligned_mtl", scale_mode=mode)
+    jn = case.numpy()
+    scale = np.linalg.norm(jn, axis=1).max()
+    assert_close_direction(fast @ jn, reference @ jn, rtol=1e-7, floor=1e-9 * scale * (np.abs(reference).sum() + 1))

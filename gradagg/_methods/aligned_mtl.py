@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import Context, Method, Option, as_vector, choice, k_vector, register
+from ..solvers import native
 from ..solvers.spectral import RTOL, finite_eigh
 
 
@@ -29,7 +30,14 @@ def _sigma(lam: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
     return (0.5 * (low + high)).squeeze(0)
 
 
+_MODES = {"min": 0, "median": 1, "rmse": 2}
+
+
 def _aligned_mtl(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None, scale_mode: str) -> torch.Tensor:
+    if native.usable(g):  # a Jacobi eigendecomposition in C (torch's eigh if it does not converge)
+        w = native.aligned_mtl(g, as_vector(pref, g), _MODES[scale_mode])
+        if w is not None:
+            return w
     gn = g / torch.diagonal(g).amax().clamp_min(torch.finfo(g.dtype).tiny)
     lam, vec = finite_eigh(gn)
     keep = lam > RTOL * lam.amax().clamp_min(0)

@@ -142,6 +142,19 @@ def nash(g: torch.Tensor, previous: torch.Tensor, max_iter: int) -> torch.Tensor
     return alpha
 
 
+def aligned_mtl(g: torch.Tensor, pref: torch.Tensor, mode: int) -> torch.Tensor | None:
+    """Aligned-MTL's weights (``_methods.aligned_mtl``) from a Jacobi eigendecomposition, or None
+    if it did not converge (the caller then uses torch's eigh)."""
+    g, pref = g.contiguous(), pref.contiguous()
+    k = g.shape[-1]
+    w = torch.empty(k, dtype=torch.float64)
+    status = _kkt.aligned_mtl(g.data_ptr(), pref.data_ptr(), w.data_ptr(), k, k, mode)
+    if status == _FALLBACK:
+        return None
+    _check(status, "Aligned-MTL")
+    return w
+
+
 def krum(g: torch.Tensor, f: int, m: int) -> torch.Tensor:
     """``_methods.krum._krum``."""
     g = g.contiguous()
