@@ -31,10 +31,13 @@ def _sigma(lam: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 _MODES = {"min": 0, "median": 1, "rmse": 2}
+JACOBI_MAX_K = 16
 
 
 def _aligned_mtl(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None, scale_mode: str) -> torch.Tensor:
-    if native.usable(g):  # a Jacobi eigendecomposition in C (torch's eigh if it does not converge)
+    # Up to K = 16 a Jacobi eigendecomposition in C is faster than torch's eigh (O(K³) per sweep,
+    # several sweeps: from K ≈ 16 on LAPACK's is); torch's eigh too if Jacobi does not converge.
+    if native.usable(g) and g.shape[-1] <= JACOBI_MAX_K:
         w = native.aligned_mtl(g, as_vector(pref, g), _MODES[scale_mode])
         if w is not None:
             return w
