@@ -23,6 +23,8 @@ both candidates, so no threshold on ‖Jᵀw*‖ is involved.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._registry import Context, Method, Option, choice, real_at_least, register
@@ -85,7 +87,8 @@ def cagrad_direction_weights(g: torch.Tensor, c: float) -> torch.Tensor:
 def _cagrad_impl(g: torch.Tensor, c: float, divisor: float) -> torch.Tensor:
     """CAGrad's weights for the Gramian g, divided by ``divisor`` (in C on the CPU)."""
     if native.usable(g):
-        return native.cagrad(g, c, MAX_OUTER, divisor)
+        with contextlib.suppress(native.Unconverged):  # else the torch reference decides
+            return native.cagrad(g, c, MAX_OUTER, divisor)
     k = g.shape[-1]
     w = cagrad_direction_weights(g, c)
     # Degenerate case (Jᵀw* = 0): every d of the ball with min_i g_i·d = 0 is optimal. The nearest

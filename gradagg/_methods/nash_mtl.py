@@ -15,6 +15,8 @@ whose equation α_i (Gα)_i = 1 has no solution, gets α_i = 0.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._registry import Context, Method, Option, optional_positive_real, positive_int, register
@@ -32,7 +34,8 @@ def _nash_impl(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor)
     if can_stop_early(recompute) and not bool(recompute):
         return previous.clone()
     if native.usable(g):
-        return native.nash(g, previous, MAX_ITER)
+        with contextlib.suppress(native.Unconverged):  # else the torch reference decides
+            return native.nash(g, previous, MAX_ITER)
     a, s, _ = scaled_gramian(g, EPS, zero_eps=1.0)  # zero gradients: the dummy equation u = 1/u
     nonzero = torch.diagonal(g) > 0
     have = (previous > 0).all()

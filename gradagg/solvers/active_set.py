@@ -23,6 +23,8 @@ conditions hold to a componentwise backward error of ``SIGN_TOL``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import native
@@ -156,7 +158,8 @@ def _nnqp_impl(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: in
             qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``refined_nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
     if native.usable(a):
-        return native.nnqp(a, q, reg, max_iter, refine, qscale)
+        with contextlib.suppress(native.Unconverged):  # else the torch reference decides
+            return native.nnqp(a, q, reg, max_iter, refine, qscale)
     y, converged = refined_nnqp(a, q, reg, max_iter, refine, qscale)
     return guard(y, converged, "the nonnegative QP solver", a), converged
 

@@ -14,6 +14,8 @@ least doubles or halves a coordinate towards it, hence the budget of ``MAX_ITER`
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import native
@@ -99,8 +101,9 @@ def _barrier_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``solve_barrier`` as one opaque operator for compiled graphs."""
     if native.usable(a) and u0.dim() == 1:
-        u = native.barrier(a, c, u0, beta, max_iter)
-        return u, torch.isfinite(u).all().expand(())
+        with contextlib.suppress(native.Unconverged):  # else the torch reference decides
+            u = native.barrier(a, c, u0, beta, max_iter)
+            return u, torch.isfinite(u).all().expand(())
     u, converged = solve_barrier(a, c, u0, beta, max_iter)
     return guard(u, converged, "the Newton solver of A u = c u^(-beta)", a), converged
 

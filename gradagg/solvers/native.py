@@ -61,9 +61,15 @@ def on_host(t: torch.Tensor) -> bool:
     return _enabled and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+class Unconverged(SolverError):
+    """A C solver ran out of its budget. Its callers then run the torch reference, which raises
+    ``SolverError`` itself if it fails too. (The C Cholesky factorisation can break down on a
+    nearly singular working set where LAPACK's partial factor still leads to a certified answer.)"""
+
+
 def _check(status: int, what: str) -> None:
     if status == _UNCONVERGED:
-        raise SolverError(f"{what} did not converge within its iteration budget; please report this input")
+        raise Unconverged(f"{what} did not converge within its iteration budget; please report this input")
     if status == _NOMEM:
         raise MemoryError(f"{what}: out of memory for its work space")
 
