@@ -596,6 +596,7 @@ static void scale_gramian(const double *g, int k, double eps, double zero_eps, d
 }
 
 #define QP_EPS 1e-10
+#define BARRIER_EPS 1e-15 /* FairGrad's and Nash-MTL's regularisation */
 #define QP_REFINE 2
 
 /* A scratch arena for the weightings: one allocation, carved up in order. */
@@ -711,7 +712,7 @@ static int cagrad_fallback(const double *g, int k, double cc, double *w, Arena *
 static int fairgrad_solve(const double *g, int k, double beta, int max_iter, double *w, Arena *ar) {
     double *a = take(ar, (size_t)k * k), *s = take(ar, k), *reg = take(ar, k), *c = take(ar, k),
            *start = take(ar, k), *u = take(ar, k), *work = take(ar, (size_t)k * k + 6 * (size_t)k);
-    scale_gramian(g, k, 1e-15, 1.0, a, s, reg);
+    scale_gramian(g, k, BARRIER_EPS, 1.0, a, s, reg);
     for (int i = 0; i < k; i++) {
         c[i] = pow(s[i], 1.0 - beta);
         start[i] = pow(c[i], 1.0 / (1.0 + beta));
@@ -725,7 +726,7 @@ static int fairgrad_solve(const double *g, int k, double beta, int max_iter, dou
 static int nash_solve(const double *g, const double *previous, int k, int max_iter, double *alpha, Arena *ar) {
     double *a = take(ar, (size_t)k * k), *s = take(ar, k), *reg = take(ar, k), *c = take(ar, k),
            *start = take(ar, k), *u = take(ar, k), *work = take(ar, (size_t)k * k + 6 * (size_t)k);
-    scale_gramian(g, k, 1e-15, 1.0, a, s, reg);
+    scale_gramian(g, k, BARRIER_EPS, 1.0, a, s, reg);
     int have = 1;
     for (int i = 0; i < k; i++) have &= previous[i] > 0.0;
     for (int i = 0; i < k; i++) {
@@ -1448,4 +1449,19 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kkt", "gradagg's K x K solvers in C.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kkt(void) { return PyModule_Create(&module); }
+/* The constants shared with the torch implementations, exposed so that a test keeps them equal. */
+PyMODINIT_FUNC PyInit__kkt(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddObject(m, "SIGN_TOL", PyFloat_FromDouble(SIGN_TOL)) < 0 ||
+        PyModule_AddObject(m, "QP_EPS", PyFloat_FromDouble(QP_EPS)) < 0 ||
+        PyModule_AddObject(m, "QP_REFINE", PyLong_FromLong(QP_REFINE)) < 0 ||
+        PyModule_AddObject(m, "CAGRAD_EPS", PyFloat_FromDouble(CAGRAD_EPS)) < 0 ||
+        PyModule_AddObject(m, "BARRIER_EPS", PyFloat_FromDouble(BARRIER_EPS)) < 0 ||
+        PyModule_AddObject(m, "RESIDUAL_TOL", PyFloat_FromDouble(RESIDUAL_TOL)) < 0 ||
+        PyModule_AddObject(m, "CONVERGED_TOL", PyFloat_FromDouble(CONVERGED_TOL)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -153,3 +153,17 @@ def test_a_c_breakdown_falls_back_to_the_torch_reference():
     with native.disabled():
         reference = gradagg.weights(j, "cagrad", c=1.0)
     torch.testing.assert_close(w, reference)
+
+
+def test_constants_agree_with_the_torch_implementations():
+    from gradagg import _kkt
+    from gradagg._methods import cagrad, dual_cone, fairgrad, mgda, nash_mtl
+    from gradagg.solvers import active_set, barrier
+
+    assert _kkt.SIGN_TOL == active_set.SIGN_TOL
+    assert _kkt.QP_EPS == mgda.EPS == dual_cone.EPS
+    assert _kkt.QP_REFINE == mgda.REFINE == dual_cone.REFINE
+    assert _kkt.CAGRAD_EPS == cagrad.EPS
+    assert _kkt.BARRIER_EPS == fairgrad.EPS == nash_mtl.EPS
+    assert _kkt.RESIDUAL_TOL == barrier.RESIDUAL_TOL
+    assert _kkt.CONVERGED_TOL == barrier.CONVERGED_TOL
