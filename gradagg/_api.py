@@ -9,7 +9,6 @@ detached weights.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -534,7 +533,7 @@ def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: An
     that in a pass over the output, far cheaper than a pass over J. Only then is J searched, to
     name the tasks (an overflow of a finite J finds none and passes)."""
     sums = [(o.detach() if o.dtype in (torch.float32, torch.float64) else o.detach().float()).sum() for o in out]
-    bad = not math.isfinite(sums[0].item() if len(sums) == 1 else torch.stack(sums).sum().item())
+    bad = not bool(torch.isfinite(sums[0] if len(sums) == 1 else torch.stack(sums).sum()))
     if group is not None:
         bad = distributed.any_flag(bad, group, leaves[0].device)
     if bad:

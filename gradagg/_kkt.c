@@ -273,47 +273,6 @@ static int nnqp_refined(Nnqp *s, const double *a, const double *q, const double 
     return converged;
 }
 
-/* nnqp(a, q, reg, qscale, y, converged, b, k, max_iter, refine) -> status */
-static PyObject *py_nnqp(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "nnqp takes 10 arguments");
-        return NULL;
-    }
-    void *ptr[6];
-    for (int i = 0; i < 6; i++) {
-        ptr[i] = PyLong_AsVoidPtr(args[i]);
-        if (PyErr_Occurred()) return NULL;
-    }
-    long b = PyLong_AsLong(args[6]), k = PyLong_AsLong(args[7]);
-    long max_iter = PyLong_AsLong(args[8]), refine = PyLong_AsLong(args[9]);
-    if (PyErr_Occurred()) return NULL;
-    const double *a = ptr[0], *q = ptr[1], *reg = ptr[2], *qscale = ptr[3];
-    double *y = ptr[4];
-    unsigned char *conv = ptr[5];
-    if (!all_finite(a, (Py_ssize_t)k * k) || !all_finite(q, (Py_ssize_t)b * k)) {
-        fill_nan(y, (Py_ssize_t)b * k);
-        memset(conv, 0, (size_t)b);
-        return PyLong_FromLong(NONFINITE);
-    }
-    Nnqp s;
-    double *buf = malloc(sizeof(double) * 2 * (size_t)k);
-    int status = OK;
-    if (!buf || !nnqp_init(&s, (int)k, a)) {
-        status = NOMEM;
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        for (long p = 0; p < b; p++) {
-            conv[p] = (unsigned char)nnqp_refined(&s, a, q + p * k, reg, qscale + p * k, (int)max_iter, (int)refine,
-                                                  y + p * k, buf, buf + k);
-            if (!conv[p]) status = UNCONVERGED;
-        }
-        Py_END_ALLOW_THREADS
-    }
-    nnqp_free(&s);
-    free(buf);
-    return PyLong_FromLong(status);
-}
-
 /* ------------------------------------------------------------------------------------------------
  * Newton's method for A u = c ⊙ u^(−β), u > 0 (gradagg/solvers/barrier.py, step for step).
  */
@@ -445,37 +404,6 @@ static int barrier_solve(const double *a, const double *c, const double *u0, int
         done = stalled || res <= RESIDUAL_TOL;
     }
     return best_res <= CONVERGED_TOL;
-}
-
-/* barrier(a, c, u0, u, k, beta, max_iter) -> status */
-static PyObject *py_barrier(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "barrier takes 7 arguments");
-        return NULL;
-    }
-    void *ptr[4];
-    for (int i = 0; i < 4; i++) {
-        ptr[i] = PyLong_AsVoidPtr(args[i]);
-        if (PyErr_Occurred()) return NULL;
-    }
-    long k = PyLong_AsLong(args[4]);
-    double beta = PyFloat_AsDouble(args[5]);
-    long max_iter = PyLong_AsLong(args[6]);
-    if (PyErr_Occurred()) return NULL;
-    const double *a = ptr[0], *c = ptr[1], *u0 = ptr[2];
-    double *u = ptr[3];
-    if (!all_finite(a, (Py_ssize_t)k * k) || !all_finite(c, k) || !all_finite(u0, k)) {
-        fill_nan(u, k);
-        return PyLong_FromLong(NONFINITE);
-    }
-    double *work = malloc(sizeof(double) * ((size_t)k * (size_t)k + 6 * (size_t)k));
-    if (!work) return PyLong_FromLong(NOMEM);
-    int converged;
-    Py_BEGIN_ALLOW_THREADS
-    converged = barrier_solve(a, c, u0, (int)k, beta, (int)max_iter, u, work);
-    Py_END_ALLOW_THREADS
-    free(work);
-    return PyLong_FromLong(converged ? OK : UNCONVERGED);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -794,7 +722,7 @@ static int w_cagrad(void **ptr, PyObject *const *rest, int k, Arena *ar) {
     }
     int status = cagrad_solve(ptr[0], k, cc, (int)max_outer, w, &s, a, buf);
     nnqp_free(&s);
-    if (status == OK && divisor > 0.0) {
+    if (status == OK) {
         ar->used = 0;
         status = cagrad_fallback(ptr[0], k, cc, w, ar);
         for (int i = 0; i < k; i++) w[i] /= divisor;
@@ -825,8 +753,7 @@ static PyObject *py_dual_cone(PyObject *self, PyObject *const *args, Py_ssize_t 
     return run_weighting(args, nargs, 7, 3, w_dual_cone, "dual_cone");
 }
 
-/* cagrad_weights(g, w, k, k, c, max_outer, divisor): the final weights (divisor ≤ 0: the direction
- * weights only, without the degenerate-case fallback) */
+/* cagrad_weights(g, w, k, k, c, max_outer, divisor): the final weights, divided by divisor */
 static PyObject *py_cagrad_weights(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return run_weighting(args, nargs, 7, 2, w_cagrad, "cagrad_weights");
 }
@@ -1279,24 +1206,44 @@ GRADDROP_KERNEL(graddrop_f64, double, CONTIGUOUS)
 GRADDROP_KERNEL(graddrop_f32_strided, float, STRIDED)
 GRADDROP_KERNEL(graddrop_f64_strided, double, STRIDED)
 
-/* graddrop(rows, is_float32, k, n, stride0, stride1, leak (0: none), seed, offset, out) */
-static PyObject *py_graddrop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "graddrop takes 10 arguments");
-        return NULL;
+/* Rows [K, n] of J as the per-coordinate entry points receive them: (address, is_float32, K, n,
+ * stride0, stride1) in args[0..5], then the function's own arguments, the output address last. */
+typedef struct {
+    const void *data;
+    long f32, k, n, s0, s1;
+    void *out;
+} Rows;
+
+static int parse_rows(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *name, Rows *r) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, expected);
+        return 0;
     }
-    const void *rows = PyLong_AsVoidPtr(args[0]);
-    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]), n = PyLong_AsLong(args[3]);
-    long s0 = PyLong_AsLong(args[4]), s1 = PyLong_AsLong(args[5]);
+    r->data = PyLong_AsVoidPtr(args[0]);
+    r->f32 = PyLong_AsLong(args[1]);
+    r->k = PyLong_AsLong(args[2]);
+    r->n = PyLong_AsLong(args[3]);
+    r->s0 = PyLong_AsLong(args[4]);
+    r->s1 = PyLong_AsLong(args[5]);
+    r->out = PyLong_AsVoidPtr(args[expected - 1]);
+    return !PyErr_Occurred();
+}
+
+/* graddrop(rows, is_float32, k, n, stride0, stride1, leak (0: none), seed (address of an int64),
+ * offset, out) */
+static PyObject *py_graddrop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Rows r;
+    if (!parse_rows(args, nargs, 10, "graddrop", &r)) return NULL;
     const double *leak = PyLong_AsVoidPtr(args[6]);
-    uint64_t seed = PyLong_AsUnsignedLongLongMask(args[7]), offset = PyLong_AsUnsignedLongLongMask(args[8]);
-    void *out = PyLong_AsVoidPtr(args[9]);
+    const int64_t *seed_at = PyLong_AsVoidPtr(args[7]);
+    uint64_t offset = PyLong_AsUnsignedLongLongMask(args[8]);
     if (PyErr_Occurred()) return NULL;
+    uint64_t seed = (uint64_t)*seed_at;
     Py_BEGIN_ALLOW_THREADS
-    if (f32)
-        (s1 == 1 ? graddrop_f32 : graddrop_f32_strided)(rows, k, n, s0, s1, leak, seed, offset, out);
+    if (r.f32)
+        (r.s1 == 1 ? graddrop_f32 : graddrop_f32_strided)(r.data, r.k, r.n, r.s0, r.s1, leak, seed, offset, r.out);
     else
-        (s1 == 1 ? graddrop_f64 : graddrop_f64_strided)(rows, k, n, s0, s1, leak, seed, offset, out);
+        (r.s1 == 1 ? graddrop_f64 : graddrop_f64_strided)(r.data, r.k, r.n, r.s0, r.s1, leak, seed, offset, r.out);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(OK);
 }
@@ -1353,22 +1300,17 @@ TRIMMED_KERNEL(trimmed_f64_strided, double, STRIDED)
 
 /* trimmed_mean(rows, is_float32, k, n, stride0, stride1, trim, out) */
 static PyObject *py_trimmed_mean(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "trimmed_mean takes 8 arguments");
-        return NULL;
-    }
-    const void *rows = PyLong_AsVoidPtr(args[0]);
-    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]), n = PyLong_AsLong(args[3]);
-    long s0 = PyLong_AsLong(args[4]), s1 = PyLong_AsLong(args[5]), t = PyLong_AsLong(args[6]);
-    void *out = PyLong_AsVoidPtr(args[7]);
+    Rows r;
+    if (!parse_rows(args, nargs, 8, "trimmed_mean", &r)) return NULL;
+    long t = PyLong_AsLong(args[6]);
     if (PyErr_Occurred()) return NULL;
     double *work = malloc(sizeof(double) * (size_t)BLOCK * (1 + 2 * (size_t)(t > 0 ? t : 1)));
     if (!work) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    if (f32)
-        (s1 == 1 ? trimmed_f32 : trimmed_f32_strided)(rows, k, n, s0, s1, t, (float *)work, out);
+    if (r.f32)
+        (r.s1 == 1 ? trimmed_f32 : trimmed_f32_strided)(r.data, r.k, r.n, r.s0, r.s1, t, (float *)work, r.out);
     else
-        (s1 == 1 ? trimmed_f64 : trimmed_f64_strided)(rows, k, n, s0, s1, t, work, out);
+        (r.s1 == 1 ? trimmed_f64 : trimmed_f64_strided)(r.data, r.k, r.n, r.s0, r.s1, t, work, r.out);
     Py_END_ALLOW_THREADS
     free(work);
     return PyLong_FromLong(OK);
@@ -1405,29 +1347,21 @@ COMBINE_KERNEL(combine_f64, double, CONTIGUOUS)
 COMBINE_KERNEL(combine_f32_strided, float, STRIDED)
 COMBINE_KERNEL(combine_f64_strided, double, STRIDED)
 
-/* combine(w (float64 [K]), rows, is_float32, k, n, stride0, stride1, out) -> 1 if Σ d is finite */
+/* combine(rows, is_float32, k, n, stride0, stride1, w (float64 [K]), out) -> whether Σ d is finite */
 static PyObject *py_combine(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "combine takes 8 arguments");
-        return NULL;
-    }
-    const double *w = PyLong_AsVoidPtr(args[0]);
-    const void *rows = PyLong_AsVoidPtr(args[1]);
-    long f32 = PyLong_AsLong(args[2]), k = PyLong_AsLong(args[3]), n = PyLong_AsLong(args[4]);
-    long s0 = PyLong_AsLong(args[5]), s1 = PyLong_AsLong(args[6]);
-    void *out = PyLong_AsVoidPtr(args[7]);
+    Rows r;
+    if (!parse_rows(args, nargs, 8, "combine", &r)) return NULL;
+    const double *w = PyLong_AsVoidPtr(args[6]);
     if (PyErr_Occurred()) return NULL;
     int finite;
-    if (f32)
-        finite = (s1 == 1 ? combine_f32 : combine_f32_strided)(w, rows, k, n, s0, s1, out);
+    if (r.f32)
+        finite = (r.s1 == 1 ? combine_f32 : combine_f32_strided)(w, r.data, r.k, r.n, r.s0, r.s1, r.out);
     else
-        finite = (s1 == 1 ? combine_f64 : combine_f64_strided)(w, rows, k, n, s0, s1, out);
+        finite = (r.s1 == 1 ? combine_f64 : combine_f64_strided)(w, r.data, r.k, r.n, r.s0, r.s1, r.out);
     return PyBool_FromLong(finite);
 }
 
 static PyMethodDef methods[] = {
-    {"nnqp", (PyCFunction)(void (*)(void))py_nnqp, METH_FASTCALL, "Batched nonnegative QP (see gradagg.solvers)."},
-    {"barrier", (PyCFunction)(void (*)(void))py_barrier, METH_FASTCALL, "Newton for A u = c u^-beta."},
     {"pcgrad", (PyCFunction)(void (*)(void))py_pcgrad, METH_FASTCALL, "PCGrad's coefficient matrix."},
     {"imtl_g", (PyCFunction)(void (*)(void))py_imtl_g, METH_FASTCALL, "IMTL-G's weights from G."},
     {"config", (PyCFunction)(void (*)(void))py_config, METH_FASTCALL, "ConFIG's weights from G."},

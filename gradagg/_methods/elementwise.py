@@ -67,7 +67,7 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
         # One pass over J in C. U comes from a hash of a per-coordinate counter, seeded by one draw
         # from the generator (drawing D uniforms from torch's CPU generator alone costs ~4x the
         # floor at K = 2).
-        seed = int(torch.randint(0, 2**62, (), generator=ctx.generator))
+        seed = torch.randint(0, 2**62, (), generator=ctx.generator)  # int64, read in C
         out, offset = [], 0
         for r in rows:
             out.append(native.graddrop(r, leakage, seed, offset))

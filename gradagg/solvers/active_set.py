@@ -23,11 +23,8 @@ conditions hold to a componentwise backward error of ``SIGN_TOL``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from . import native
 from ._loop import all_done, can_stop_early, guard, opaque
 
 #: Relative tolerance of the tests on μ = A y − q, against the size of its terms (|A||y| + |q|):
@@ -157,9 +154,6 @@ def refined_nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: 
 def _nnqp_impl(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
             qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``refined_nnqp`` as one opaque operator, so that compiled graphs hold it as a single node."""
-    if native.usable(a):
-        with contextlib.suppress(native.Unconverged):  # else the torch reference decides
-            return native.nnqp(a, q, reg, max_iter, refine, qscale)
     y, converged = refined_nnqp(a, q, reg, max_iter, refine, qscale)
     return guard(y, converged, "the nonnegative QP solver", a), converged
 

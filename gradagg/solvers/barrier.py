@@ -14,11 +14,8 @@ least doubles or halves a coordinate towards it, hence the budget of ``MAX_ITER`
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from . import native
 from ._loop import all_done, can_stop_early, guard, opaque
 
 MAX_ITER = 80
@@ -100,10 +97,6 @@ def _barrier_impl(
     a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``solve_barrier`` as one opaque operator for compiled graphs."""
-    if native.usable(a) and u0.dim() == 1:
-        with contextlib.suppress(native.Unconverged):  # else the torch reference decides
-            u = native.barrier(a, c, u0, beta, max_iter)
-            return u, torch.isfinite(u).all().expand(())
     u, converged = solve_barrier(a, c, u0, beta, max_iter)
     return guard(u, converged, "the Newton solver of A u = c u^(-beta)", a), converged
 

@@ -74,34 +74,9 @@ def _check(status: int, what: str) -> None:
         raise MemoryError(f"{what}: out of memory for its work space")
 
 
-def nnqp(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
-         qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``active_set.refined_nnqp`` followed by its guard: (y [B, K], converged [B])."""
-    b, k = q.shape
-    a, q = a.contiguous(), q.contiguous()
-    reg = reg.expand(k).contiguous()
-    qscale = qscale.expand(b, k).contiguous()
-    y = torch.empty((b, k), dtype=torch.float64)
-    converged = torch.empty(b, dtype=torch.bool)
-    status = _kkt.nnqp(a.data_ptr(), q.data_ptr(), reg.data_ptr(), qscale.data_ptr(), y.data_ptr(),
-                       converged.data_ptr(), b, k, max_iter, refine)
-    _check(status, "the nonnegative QP solver")
-    return y, converged
-
-
-def barrier(a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float, max_iter: int) -> torch.Tensor:
-    """``barrier.solve_barrier`` followed by its guard: u [K]."""
-    a, c, u0 = a.contiguous(), c.contiguous(), u0.contiguous()
-    u = torch.empty(u0.shape, dtype=torch.float64)
-    status = _kkt.barrier(a.data_ptr(), c.data_ptr(), u0.data_ptr(), u.data_ptr(), u0.shape[-1], float(beta),
-                          max_iter)
-    _check(status, "the Newton solver of A u = c u^(-beta)")
-    return u
-
-
 def cagrad(g: torch.Tensor, c: float, max_outer: int, divisor: float) -> torch.Tensor:
-    """CAGrad's weights: with a divisor > 0, those of ``_methods.cagrad._cagrad`` (degenerate case
-    included) divided by it; otherwise the direction weights of ``cagrad_direction_weights``."""
+    """CAGrad's weights, those of ``_methods.cagrad._cagrad_impl`` (degenerate case included)
+    divided by ``divisor``."""
     g = g.contiguous()
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64)
@@ -214,12 +189,13 @@ def rows_ok(rows: list[torch.Tensor]) -> bool:
         r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64) for r in rows)
 
 
-def graddrop(r: torch.Tensor, leakage: torch.Tensor | None, seed: int, offset: int) -> torch.Tensor:
-    """GradDrop of the rows r [K, n], with U for column c hashed from (seed, offset + c)."""
+def graddrop(r: torch.Tensor, leakage: torch.Tensor | None, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """GradDrop of the rows r [K, n], with U for column c hashed from (seed, offset + c); seed is a
+    0-dim int64 CPU tensor, read by the C code itself."""
     out = torch.empty(r.shape[1], dtype=r.dtype)
     leak = None if leakage is None else leakage.to(dtype=torch.float64, device="cpu").contiguous()
     _kkt.graddrop(r.data_ptr(), int(r.dtype == torch.float32), r.shape[0], r.shape[1], r.stride(0), r.stride(1),
-                  0 if leak is None else leak.data_ptr(), seed, offset, out.data_ptr())
+                  0 if leak is None else leak.data_ptr(), seed.data_ptr(), offset, out.data_ptr())
     return out
 
 
@@ -252,5 +228,5 @@ def combine(w: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, bool]:
     k, n = r.shape
     s0, s1 = r.stride()
     out = torch.empty(n, dtype=r.dtype)
-    finite = _kkt.combine(w.data_ptr(), r.data_ptr(), r.dtype == torch.float32, k, n, s0, s1, out.data_ptr())
+    finite = _kkt.combine(r.data_ptr(), r.dtype == torch.float32, k, n, s0, s1, w.data_ptr(), out.data_ptr())
     return out, finite
