@@ -11,7 +11,7 @@ from ._config import Config, from_config
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
 from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
-from .training import autograd_jacobian, backward, model_jacobian, set_grad, task_jacobian
+from .training import autograd_jacobian, backward, model_jacobian, set_grad, stack_gradients, task_jacobian
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "methods",
     "model_jacobian",
     "set_grad",
+    "stack_gradients",
     "task_jacobian",
     "weights",
     "weights_from_gramian",

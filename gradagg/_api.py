@@ -50,33 +50,79 @@ def _flatten(jac: Any) -> tuple[list[torch.Tensor], Any, int]:
     """(leaves, tree spec (None for a single Tensor), K), validated."""
     if type(jac) is torch.Tensor:  # the common case, without the pytree machinery
         if jac.dim() == 0 or not jac.is_floating_point() or jac.shape[0] == 0:
-            return _flatten([jac])  # for the error message
+            _checked_k([jac], None)  # raises, with the error message
         return [jac], None, jac.shape[0]
     leaves, spec = pytree.tree_flatten(jac)
     if not leaves:
         raise ValueError("jac is empty: give a Tensor [K, ...] or a pytree of such tensors")
     if _valid_leaves(leaves):
         return leaves, spec, leaves[0].shape[0]
+    return leaves, spec, _checked_k(leaves, jac)
+
+
+def _checked_k(leaves: list[Any], jac: Any) -> int:
+    """K, after the full checks of the leaves (raising the error that explains a failure)."""
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"every leaf of jac must be a torch.Tensor; leaf {i} is {type(leaf).__name__}")
+            raise TypeError(f"every leaf of jac must be a torch.Tensor; leaf {i} is {type(leaf).__name__}"
+                            f"{_per_task_hint(jac)}")
         if leaf.is_complex() or not leaf.is_floating_point():
             raise TypeError(f"jac must be real floating point (float16/bfloat16/float32/float64); "
                             f"leaf {i} has dtype {leaf.dtype}")
         if leaf.dim() == 0:
-            raise ValueError(f"leaf {i} of jac is 0-dimensional; every leaf needs a leading task dimension K")
+            raise ValueError(f"leaf {i} of jac is 0-dimensional; every leaf needs a leading task dimension K"
+                             f"{_per_task_hint(jac)}")
     k = leaves[0].shape[0]
     for i, leaf in enumerate(leaves):
         if leaf.shape[0] != k:
             shapes = ", ".join(str(tuple(x.shape)) for x in leaves[:8])
             raise ValueError(f"every leaf of jac must share the leading dimension K; leaf 0 has K={k} but "
-                             f"leaf {i} has {leaf.shape[0]} (shapes: {shapes}{', ...' if len(leaves) > 8 else ''})")
+                             f"leaf {i} has {leaf.shape[0]} (shapes: {shapes}{', ...' if len(leaves) > 8 else ''})"
+                             f"{_per_task_hint(jac)}")
         if leaf.device != leaves[0].device:
             raise ValueError(f"every leaf of jac must be on one device; leaf 0 is on {leaves[0].device}, "
                              f"leaf {i} on {leaf.device}")
     if k == 0:
         raise ValueError("jac has K = 0 tasks; aggregation needs at least one task gradient")
-    return leaves, spec, k
+    return k
+
+
+def _per_task_hint(jac: Any) -> str:
+    """For an error message: where jac is a list or tuple that looks like K per-task gradients
+    (entries that are tuples, lists or dicts of tensors, or tensors whose leading dimensions differ
+    or that are 0-dimensional), what was passed and what to do; else "". Error paths only: a
+    pytree is always read as a pytree."""
+    if not isinstance(jac, (list, tuple)) or not jac:
+        return ""
+
+    def gradients(entry: Any) -> bool:
+        values = entry.values() if isinstance(entry, dict) else entry
+        return (isinstance(entry, (list, tuple, dict)) and len(entry) > 0
+                and all(v is None or isinstance(v, torch.Tensor) for v in values))
+
+    tensors = all(isinstance(e, torch.Tensor) for e in jac)
+    if not (all(gradients(e) for e in jac)
+            or (tensors and (len({e.shape[:1] for e in jac}) > 1 or any(e.dim() == 0 for e in jac)))):
+        return ""
+    listed = ", ".join(_shapes(e) for e in jac[:8]) + (", ..." if len(jac) > 8 else "")
+    return (f".\njac is a {type(jac).__name__} of {len(jac)} entries with shapes [{listed}]. aggregate expects a "
+            f"Tensor [K, ...] or a pytree of tensors that all lead with the task dimension K, as "
+            f"torch.func.vmap(torch.func.grad(f)) returns it. If these entries are per-task gradients (one per "
+            f"task, e.g. from a loop over torch.autograd.grad), stack them first: "
+            f"gradagg.aggregate(gradagg.stack_gradients(per_task), method)")
+
+
+def _shapes(entry: Any) -> str:
+    """A pytree of tensors shown by its containers and shapes, for error messages."""
+    if isinstance(entry, torch.Tensor):
+        return str(tuple(entry.shape))
+    if isinstance(entry, dict):
+        return "{" + ", ".join(f"{key!r}: {_shapes(v)}" for key, v in entry.items()) + "}"
+    if isinstance(entry, list):
+        return "[" + ", ".join(_shapes(v) for v in entry) + "]"
+    if isinstance(entry, tuple):
+        return "(" + ", ".join(_shapes(v) for v in entry) + ("," if len(entry) == 1 else "") + ")"
+    return "None" if entry is None else type(entry).__name__
 
 
 Normalizer = Literal["l2", "loss", "loss+", "none"] | None
@@ -278,7 +324,8 @@ def _pack(leaves: list[torch.Tensor], k: int) -> torch.Tensor | None:
         total += leaf.numel()
     if total > PACK_MAX:
         return None
-    return torch.cat([leaf if leaf.dim() == 2 else leaf.flatten(1) for leaf in leaves], 1)
+    # reshape(k, -1), not flatten(1): a 1-D leaf [K] (a scalar parameter) becomes [K, 1].
+    return torch.cat([leaf if leaf.dim() == 2 else leaf.reshape(k, -1) for leaf in leaves], 1)
 
 
 def _unpack(d: torch.Tensor, leaves: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -445,6 +492,9 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     Args:
         jac: the per-task Jacobian, a Tensor [K, ...] or a pytree (dict, list, tuple, nested) of
             tensors sharing the leading K, as ``torch.func.vmap(torch.func.grad(f))`` returns it.
+            A 1-D leaf [K] (a scalar parameter) gives a 0-dim result. A list of K per-task
+            gradients without the leading K (a loop over ``torch.autograd.grad``) is not this
+            layout, since a list is read as a pytree: stack it with ``gradagg.stack_gradients``.
         method: a name from ``gradagg.methods()`` (aliases accepted), or a chain of per-task
             transforms applied in order and then summed: a sequence of names or (name, options)
             pairs, such as ``("pcgrad", "nsgd")``. graddrop or trimmed_mean may end a chain.

@@ -11,18 +11,22 @@ Three ways to get the Jacobian J (K task gradients, one row each):
 * ``autograd_jacobian(losses, params)``: plain autograd on an ordinary graph, with
   ``torch.autograd.grad(..., is_grads_batched=True)``.
 
+(A loop over ``torch.autograd.grad``, one call per task, gives K gradients without the leading K:
+``stack_gradients`` turns them into J.)
+
 Each returns the structure ``aggregate`` takes; ``set_grad`` puts the combined gradient into the
 parameters' ``.grad`` so that any ``torch.optim`` optimizer can step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
-from ._api import aggregate, is_weighting, weights
+from ._api import _shapes, aggregate, is_weighting, weights
 
 Params = Mapping[str, torch.Tensor] | list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.nn.Module
 
@@ -112,6 +116,96 @@ def autograd_jacobian(losses: torch.Tensor, params: Params, *, chunk_size: int |
     if names is not None:
         return dict(zip(names, jac))
     return tuple(jac) if as_tuple else jac
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def stack_gradients(per_task: Sequence[Any]) -> Any:
+    """J as ``aggregate`` takes it, from K per-task gradients: every leaf stacked into [K, *shape].
+
+    A loop over ``torch.autograd.grad`` gives one gradient per task, a Tensor or a tuple (list,
+    dict, nested) of tensors, one per parameter, none with a task dimension. ``aggregate`` reads a
+    list as a pytree whose leaves all lead with K, so such a list must be stacked first.
+
+    Args:
+        per_task: K ≥ 1 gradients, in task order, with one structure and, leaf by leaf, one shape,
+            dtype and device. A None leaf (``torch.autograd.grad(..., allow_unused=True)`` for a
+            parameter that a task's loss does not reach), or a None entry for a whole task, becomes
+            zeros shaped like the other tasks' gradients of that leaf.
+
+    Returns:
+        A Tensor [K, ...] for tensor entries, else the entries' structure with every leaf
+        [K, *shape]; a 0-dim leaf (a scalar parameter) becomes [K]. Differentiable in the
+        gradients (computed with ``create_graph=True``).
+
+    Raises:
+        ValueError: for an empty sequence; for a task whose structure, or whose leaf's shape, dtype
+            or device, differs from the first task's (naming the task and the leaf); for a leaf
+            that is None in every task.
+        TypeError: for ``per_task`` that is not a sequence of gradients, or a leaf that is neither
+            a Tensor nor None.
+
+    Example::
+
+        params = list(model.parameters())
+        grads = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+        jac = gradagg.stack_gradients(grads)       # a tuple of [K, *p.shape]
+        gradagg.set_grad(params, gradagg.aggregate(jac, "upgrad"))
+    """
+    if isinstance(per_task, (torch.Tensor, Mapping, str)) or not isinstance(per_task, Iterable):
+        what = ("a Tensor; a Tensor [K, ...] is already stacked, give it to aggregate as it is"
+                if isinstance(per_task, torch.Tensor) else f"{type(per_task).__name__}")
+        raise TypeError(f"per_task must be a sequence of per-task gradients (one entry per task), got {what}")
+    entries = list(per_task)
+    if not entries:
+        raise ValueError("stack_gradients needs at least one per-task gradient; got an empty sequence")
+    flat = [None if e is None else pytree.tree_flatten_with_path(e, is_leaf=_is_none) for e in entries]
+    first = next((i for i, f in enumerate(flat) if f is not None), None)
+    if first is None:
+        raise ValueError(f"all {len(entries)} entries of per_task are None: no task has a gradient to stack")
+    ref_paths, spec = [p for p, _ in flat[first][0]], flat[first][1]
+    names = [f"leaf {pytree.keystr(p)}" if p else "the gradient" for p in ref_paths]
+    columns: list[list[Any]] = []
+    for i, f in enumerate(flat):
+        if f is None:
+            columns.append([None] * len(names))
+            continue
+        if f[1] != spec:
+            paths = [pytree.keystr(p) for p, _ in f[0]]
+            expected = [pytree.keystr(p) for p in ref_paths]
+            diff = next((f"it has leaf {b or '(top)'} where per_task[{first}] has leaf {a or '(top)'}"
+                         for a, b in zip(expected, paths) if a != b), None)
+            if diff is None and len(paths) != len(expected):
+                diff = f"{len(paths)} leaves where per_task[{first}] has {len(expected)}"
+            shown = f"{_shapes(entries[i])} vs {_shapes(entries[first])}"
+            raise ValueError(f"per_task[{i}] has a different structure from per_task[{first}]: "
+                             f"{diff or 'the same leaves in other containers'} ({shown}); every task's gradient "
+                             f"must have one structure (the same parameters in the same order)")
+        columns.append([leaf for _, leaf in f[0]])
+    out = []
+    for j, name in enumerate(names):
+        ref = next((c[j] for c in columns if c[j] is not None), None)
+        if ref is None:
+            raise ValueError(f"{name} is None for every task: no task's loss reaches that parameter "
+                             f"(torch.autograd.grad(..., allow_unused=True) gives None there); leave it out "
+                             f"of the inputs, or give zeros for it")
+        owner = next(i for i, c in enumerate(columns) if c[j] is not None)
+        for i, c in enumerate(columns):
+            leaf = c[j]
+            if leaf is None:
+                continue
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"per_task[{i}]: {name} is a {type(leaf).__name__}; a gradient's leaves must be "
+                                f"tensors (or None)")
+            for what, mine, theirs in (("shape", tuple(leaf.shape), tuple(ref.shape)),
+                                       ("dtype", leaf.dtype, ref.dtype), ("device", leaf.device, ref.device)):
+                if mine != theirs:
+                    raise ValueError(f"per_task[{i}]: {name} has {what} {mine} but per_task[{owner}] has {theirs}; "
+                                     f"every task's gradient of a leaf must have the same {what}")
+        out.append(torch.stack([ref.new_zeros(ref.shape) if c[j] is None else c[j] for c in columns]))
+    return pytree.tree_unflatten(out, spec)
 
 
 def set_grad(params: Params, grads: Any, *, accumulate: bool = False) -> None:

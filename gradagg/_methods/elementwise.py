@@ -5,7 +5,8 @@ sign dropout". Per coordinate, P = ½(1 + Σ_i g_i / Σ_i |g_i|) ∈ [0, 1] (½ 
 U ~ Uniform(0, 1) shared by the tasks, M_i = [P > U][g_i > 0] + [P < U][g_i < 0], and
 d = Σ_i (ℓ_i + (1 − ℓ_i) M_i) g_i. A coordinate on which every task agrees in sign has P = 1 (or 0)
 and is always kept. On CPU in eager mode U is a 24-bit uniform from an integer hash of the
-coordinate's index, seeded by one draw from ``generator``; elsewhere torch draws it.
+coordinate's index, seeded by one draw from ``generator`` (in C, or in torch where the result must
+be differentiable in J, with the same numbers); elsewhere torch draws it.
 
 Trimmed mean: Yin et al. (2018), "Byzantine-robust distributed learning: towards optimal
 statistical rates". Per coordinate, the ``trim`` largest and ``trim`` smallest values are dropped
@@ -62,12 +63,29 @@ def _extreme_sum(r: torch.Tensor, t: int, largest: bool) -> torch.Tensor:
     return torch.stack(slots).sum(0) if t > 1 else slots[0]
 
 
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """The lowbias32 integer hash of the C kernel, on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def hashed_uniforms(seed: torch.Tensor, offset: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The C kernel's U for columns offset .. offset + n − 1: 24-bit uniforms hashed from the
+    column index and the 64-bit seed (the same numbers, so that both paths agree)."""
+    index = torch.arange(offset, offset + n, dtype=torch.int64)
+    bits = _hash32(_hash32((index + (seed & 0xFFFFFFFF)) & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF))
+    return ((bits >> 8).to(torch.float32) * 2.0**-24).to(dtype)
+
+
 def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | None) -> list[torch.Tensor]:
-    if native.rows_ok(rows):
-        # One pass over J in C. U comes from a hash of a per-coordinate counter, seeded by one draw
-        # from the generator (drawing D uniforms from torch's CPU generator alone costs ~4x the
-        # floor at K = 2).
-        seed = torch.randint(0, 2**62, (), generator=ctx.generator)  # int64, read in C
+    hashed = rows[0].device.type == "cpu" and not torch.compiler.is_compiling()
+    # On the CPU, U comes from a hash of a per-coordinate counter, seeded by one draw from the
+    # generator (drawing D uniforms from torch's CPU generator alone costs ~4x the floor at K = 2).
+    seed = torch.randint(0, 2**62, (), generator=ctx.generator) if hashed else None  # int64, read in C
+    if hashed and native.rows_ok(rows):  # one pass over J in C
         out, offset = [], 0
         for r in rows:
             out.append(native.graddrop(r, leakage, seed, offset))
@@ -76,7 +94,7 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
     # Per coordinate only a few sums over the tasks are needed, never a K x n mask: with
     # m = 1 − ℓ, Σ_i (1 − ℓ_i) M_i g_i = [P > U] Σ_i m_i g_i⁺ + [P < U] Σ_i m_i g_i⁻ and
     # Σ_i m_i g_i^± = ½ (mᵀJ ± mᵀ|J|).
-    out = []
+    out, offset = [], 0
     for r in rows:
         ones = torch.ones(r.shape[0], dtype=r.dtype, device=r.device)
         total = ones @ r
@@ -88,7 +106,11 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
             mag, absolute = _abs_sums(r, 1.0 - ell)
             signed, leak = (1.0 - ell) @ r, ell @ r
         p = 0.5 * (1.0 + torch.where(mag > 0, total / torch.where(mag > 0, mag, 1.0), 0.0))
-        u = torch.rand(r.shape[1], generator=ctx.generator, dtype=r.dtype, device=r.device)
+        if hashed:
+            u = hashed_uniforms(seed, offset, r.shape[1], r.dtype)
+            offset += r.shape[1]
+        else:
+            u = torch.rand(r.shape[1], generator=ctx.generator, dtype=r.dtype, device=r.device)
         positive, negative = 0.5 * (signed + absolute), 0.5 * (signed - absolute)
         out.append(leak + (p > u).to(r.dtype) * positive + (p < u).to(r.dtype) * negative)
     return out

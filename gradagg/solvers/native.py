@@ -184,7 +184,10 @@ def pinv_weighting(name: str, g: torch.Tensor) -> torch.Tensor | None:
 
 
 def rows_ok(rows: list[torch.Tensor]) -> bool:
-    """Whether the per-coordinate methods may run in C on these rows [K, n] (eager, CPU, float32/64)."""
+    """Whether the per-coordinate methods may run in C on these rows [K, n] (eager, CPU, float32/64,
+    and no gradient to record: the C pass is invisible to autograd)."""
+    if torch.is_grad_enabled() and any(r.requires_grad for r in rows):
+        return False
     return _enabled and not torch.compiler.is_compiling() and all(
         r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64) for r in rows)
 
