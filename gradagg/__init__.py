@@ -6,7 +6,17 @@
 without the leading K.
 """
 
-from ._api import NonFiniteError, aggregate, gramian, init, is_weighting, methods, weights, weights_from_gramian
+from ._api import (
+                   NonFiniteError,
+                   aggregate,
+                   gramian,
+                   gramian_noise,
+                   init,
+                   is_weighting,
+                   methods,
+                   weights,
+                   weights_from_gramian,
+)
 from ._config import Config, from_config
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
@@ -31,6 +41,7 @@ __all__ = [
     "backward",
     "from_config",
     "gramian",
+    "gramian_noise",
     "init",
     "is_weighting",
     "methods",

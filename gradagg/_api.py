@@ -16,10 +16,21 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _methods, distributed  # noqa: F401  (_methods registers every method)
-from ._gramian import accumulation_dtype, clean, clean_gramian_op, gramian_of_leaves, host_gramian
+from ._gramian import (
+    Gram,
+    accumulation_dtype,
+    clean,
+    clean_gramian,
+    clean_gramian_op,
+    gramian_of_leaves,
+    host_gramian,
+    noise_of,
+)
+from ._numerics import default_noise, eigen_cut
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
 from .solvers import native
-from .solvers.spectral import nearest_psd
+from .solvers._loop import can_stop_early
+from .solvers.spectral import denoise, well_above
 from .state import State
 
 Normalize = Literal["sum"] | None
@@ -394,7 +405,7 @@ def _normalizer_scale(g: torch.Tensor, kind: str, losses: torch.Tensor | None) -
     return torch.where(c > 0, c, 1.0)
 
 
-def _coefficients(plan: _Plan, g: torch.Tensor) -> torch.Tensor:
+def _coefficients(plan: _Plan, g: torch.Tensor, noise: float) -> torch.Tensor:
     """C (K x K) with the transformed rows J' = C J; the weights are 1ᵀC."""
     k = g.shape[-1]
     c = torch.eye(k, dtype=g.dtype, device=g.device)
@@ -403,33 +414,40 @@ def _coefficients(plan: _Plan, g: torch.Tensor) -> torch.Tensor:
         c = torch.diag(1.0 / _normalizer_scale(g, plan.normalizer, plan.losses))
         g = c @ g @ c
     for step in plan.steps:
-        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses)
+        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses, noise=noise)
         if step.method.transform is not None:
             t = step.method.transform(g, ctx, **step.options)
         else:
             t = torch.diag(step.method.weighting(g, ctx, **step.options))
         c = t @ c
-        g, c = _transformed_gramian(t @ g @ t.T, c, root)
+        g, c = _transformed_gramian(t @ g @ t.T, c, root, noise)
     return c
 
 
-def _transformed_gramian(g: torch.Tensor, c: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """T G Tᵀ cleaned of its rounding: symmetric, PSD, and with rows that a transform cancelled
-    (‖g_i'‖ at the rounding of the terms that make it, e.g. PCGrad on opposite gradients) exactly 0."""
+def _transformed_gramian(g: torch.Tensor, c: torch.Tensor, root: torch.Tensor,
+                         noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """T G Tᵀ cleaned of its rounding: symmetric, denoised at G's floor, and with rows that a
+    transform cancelled (‖g_i'‖² within the floor of the terms that make it, e.g. PCGrad on opposite
+    gradients) exactly 0. G's entries carry δ ‖g_i‖‖g_j‖, so (C G Cᵀ)_ii carries δ (Σ_j |C_ij| ‖g_j‖)²."""
     g = 0.5 * (g + g.T)
     scale = (c.abs() @ root) ** 2  # (Σ_j |C_ij| ‖g_j‖)², the size of the terms of ‖g_i'‖²
-    alive = torch.diagonal(g) > 1e-13 * scale
+    cut = eigen_cut(noise, g.shape[-1])
+    alive = torch.diagonal(g) > max(1e-13, cut) * scale
     keep = alive.to(g.dtype)
-    return nearest_psd(g * keep.unsqueeze(0) * keep.unsqueeze(1)), c * keep.unsqueeze(1)
+    g = g * keep.unsqueeze(0) * keep.unsqueeze(1)
+    if not (can_stop_early(g) and well_above(g, cut)):
+        g = denoise(g, cut)[0]
+    return g, c * keep.unsqueeze(1)
 
 
-def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+def _weights_from_g(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tensor:
+    g = gram.g
     if plan.simple:
         step = plan.steps[0]
-        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses)
+        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses, noise=gram.noise)
         w = step.method.weighting(g, ctx, **step.options)
     else:
-        w = _coefficients(plan, g).sum(0)
+        w = _coefficients(plan, g, gram.noise).sum(0)
     if normalize == "sum":
         target = g.sum().clamp_min(0).sqrt()
         norm = (w @ g @ w).clamp_min(0).sqrt()
@@ -437,47 +455,54 @@ def _weights_from_g(plan: _Plan, g: torch.Tensor, normalize: Normalize) -> torch
     return w
 
 
-def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool,
-                        group: Any = None) -> tuple[torch.Tensor, bool | None]:
-    """(G, whether G is finite where that came for free, else None)."""
+def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> Gram:
+    """The clean Gramian, its floor and range projector, and whether G is finite where that came
+    for free (else None)."""
     detached = [leaf.detach() for leaf in leaves]
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
+    noise = noise_of(detached)
     rescue = check_finite or detached[0].device.type == "cpu"
     if group is None:
         if native.on_host(detached[0]):
-            return host_gramian(detached, dtype)
-        return clean_gramian_op(detached, rescue), None
+            return host_gramian(detached, dtype, noise)
+        if torch.compiler.is_compiling():
+            g, proj = clean_gramian_op(detached, rescue, noise)
+            return Gram(g, noise, proj)
+        g, proj = clean_gramian(detached, rescue, noise)
+        return Gram(g, noise, proj)
     # Parameter shards: G = Σ_ranks J_r J_rᵀ, the only thing that travels (eager only).
-    return clean(distributed.all_reduce_sum(gramian_of_leaves(detached, rescue), group), dtype), None
+    g, proj = clean(distributed.all_reduce_sum(gramian_of_leaves(detached, rescue), group), noise)
+    return Gram(g, noise, proj)
 
 
-def _gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> torch.Tensor:
-    return _gramian_and_finite(leaves, check_finite, group)[0]
-
-
-def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool,
-                     group: Any = None) -> tuple[torch.Tensor, bool | None]:
-    g, finite = _gramian_and_finite(leaves, check_finite, group)
+def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> Gram:
+    gram = _gramian_and_finite(leaves, check_finite, group)
     # After the all-reduce every rank sees the same G, so every rank raises or none does.
     if _eager_checks(check_finite):
+        finite = gram.finite
         if finite is None:
-            finite = bool(torch.isfinite(torch.diagonal(g)).all())
+            finite = bool(torch.isfinite(torch.diagonal(gram.g)).all())
+            gram = gram._replace(finite=finite)
         if not finite:
             _raise_non_finite(leaves, group)
-    return g, finite
+    return gram
 
 
 def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: bool,
-             group: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(w in float64, G if it was formed)."""
+             group: Any = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(w in float64, the weights to combine J with, whether G was formed). The two differ where
+    cleaning G removed a null space: any w + v with Jᵀv = 0 gives the same d, and the method's own
+    w may have large components v along directions that G's noise floor cannot tell from null (the
+    singular Nash-MTL and FairGrad equations, MGDA's minimum at d = 0), which in floating point
+    would add that noise to d. The weights combined are w with those components dropped."""
     k, device = leaves[0].shape[0], leaves[0].device
     formed = plan.uses_gramian or normalize is not None
-    g, finite = _checked_gramian(leaves, check_finite, group) if formed else (_zero_gramian(k, device), True)
-    w = _weights_from_g(plan, g, normalize)
-    if not finite:
+    gram = _checked_gramian(leaves, check_finite, group) if formed else Gram(_zero_gramian(k, device), 0.0, None, True)
+    w = _weights_from_g(plan, gram, normalize)
+    if not gram.finite:
         # Non-finite input must never give a finite answer, whatever a solver did with it.
-        w = w + 0.0 * torch.diagonal(g).sum()
-    return w, g if formed else None
+        w = w + 0.0 * torch.diagonal(gram.g).sum()
+    return w, (w if gram.proj is None else gram.proj @ w), formed
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -532,11 +557,17 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if plan.tail is None:
         if plan.simple and plan.steps[0].method.fixed and normalize is None:
-            w, g = _fixed_weights(plan.steps[0].method, k, device), None
+            w, formed = _fixed_weights(plan.steps[0].method, k, device), False
+            raw = w
         else:
-            w, g = _weights(leaves, plan, normalize, check_finite, group)
+            raw, w, formed = _weights(leaves, plan, normalize, check_finite, group)
         out, finite = _combine(w, leaves, dtype, group)
-        if g is None and _eager_checks(check_finite):
+        if w is not raw and torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves):
+            # The value combines the cleaned weights; the derivative in J is still the method's own
+            # w, as ``weights`` returns it (the two differ by a v with Jᵀv = 0).
+            rest = _combine(raw - w, leaves, dtype, group)[0]
+            out = [o + (r - r.detach()) for o, r in zip(out, rest)]
+        if not formed and _eager_checks(check_finite):
             if finite is None:
                 _check_output(out, leaves, group)
             elif not finite:
@@ -544,7 +575,8 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         return _unflatten(out, tree)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:
-        c = _coefficients(plan, _gramian(leaves, check_finite, group)).to(dtype)
+        gram = _gramian_and_finite(leaves, check_finite, group)
+        c = _coefficients(plan, gram.g, gram.noise).to(dtype)
         rows = [c @ r for r in rows]
     gen = plan.generator
     if group is not None and plan.tail.method.random:  # per-coordinate draws: a stream per rank
@@ -604,19 +636,24 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
     plan, group = _distribute(plan, group, leaves[0].device)
-    w, _ = _weights(leaves, plan, normalize, check_finite, group)
-    return w
+    return _weights(leaves, plan, normalize, check_finite, group)[0]
 
 
 def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, normalize: Normalize = None,
                          generator: torch.Generator | None = None, state: Any = None,
                          losses: torch.Tensor | None = None, grad_normalizer: Normalizer = None,
-                         check_finite: bool = True, **options: Any) -> torch.Tensor:
+                         check_finite: bool = True, noise: float | None = None, **options: Any) -> torch.Tensor:
     """The weights w [K] of a weighting method (or chain), from a precomputed Gramian G = J Jᵀ.
 
     For Gramians computed elsewhere: with respect to shared features (MGDA-UB), all-reduced over
     parameter shards, or by another engine. Returns float64 on G's device; ``Σ_i w_i g_i`` is then
     the combined gradient.
+
+    ``noise`` is δ, the rounding of each entry G_ij relative to ‖g_i‖‖g_j‖, from which every rank
+    decision is taken (see "Numerics" in the README). By default it is that of a Gramian
+    accumulated in G's dtype over 2¹⁷ columns (float32 for float32, bfloat16 and float16 G). For a
+    float64 G that was accumulated in float32 elsewhere, pass ``gradagg.gramian_noise(jac)`` or
+    your own bound; ``gradagg.gramian`` already removes the null space its floor cannot resolve.
     """
     if not isinstance(gramian, torch.Tensor):
         raise TypeError(f"gramian must be a torch.Tensor, got {type(gramian).__name__}")
@@ -624,26 +661,38 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
         raise ValueError(f"gramian must be a square K x K matrix with K ≥ 1, got shape {tuple(gramian.shape)}")
     if gramian.is_complex() or not gramian.is_floating_point():
         raise TypeError(f"gramian must be real floating point, got dtype {gramian.dtype}")
+    if noise is None:
+        noise = default_noise(gramian.dtype)
+    elif isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < 0.01:
+        raise ValueError(f"noise must be a float in [0, 0.01) (the relative rounding of G's entries), got {noise!r}")
     k = gramian.shape[0]
     plan = _make_plan(method, k, gramian.device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
     g = gramian.detach().to(torch.float64)
     if _eager_checks(check_finite) and not bool(torch.isfinite(g).all()):
         raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
-    g = 0.5 * (g + g.T)
-    if gramian.dtype != torch.float64:
-        g = nearest_psd(g)
-    return _weights_from_g(plan, g, normalize) + 0.0 * g.sum()
+    g, proj = clean(g, float(noise))
+    return _weights_from_g(plan, Gram(g, float(noise), proj), normalize) + 0.0 * g.sum()
 
 
 def gramian(jac: Any, *, check_finite: bool = True, group: Any = None) -> torch.Tensor:
     """The K x K Gramian G = J Jᵀ = Σ_leaves J_l J_lᵀ, in float64 on jac's device.
 
-    Accumulated leaf by leaf (no K x D copy) in float32 (float64 for float64 input), and formed
-    again with exact power-of-two scaling when squares would overflow or underflow float32.
+    Accumulated leaf by leaf (no K x D copy) in float32 (float64 for float64 input) over chunks of
+    2¹⁶ columns added in float64, and formed again with exact power-of-two scaling when squares
+    would overflow or underflow float32. For float32, bfloat16 and float16 input, the eigenvalues of
+    S G S (S = diag(1/‖g_i‖)) within the accumulation's noise floor are set to 0 (see
+    ``gramian_noise``), which leaves G positive semidefinite with the null space the data determines.
     """
     leaves, _, _ = _flatten(jac)
-    return _checked_gramian(leaves, check_finite, distributed.check_group(group))[0]
+    return _checked_gramian(leaves, check_finite, distributed.check_group(group)).g
+
+
+def gramian_noise(jac: Any) -> float:
+    """δ: the rounding of each entry of ``gramian(jac)`` relative to ‖g_i‖‖g_j‖, from the dtypes and
+    the width D of ``jac`` (the rule is in the README's "Numerics"). Reads only shapes and dtypes."""
+    leaves, _, _ = _flatten(jac)
+    return noise_of(leaves)
 
 
 def init(method: Any, num_tasks: int, *, device: torch.device | str | None = None,

@@ -1,23 +1,46 @@
-"""The Gramian G = Σ_leaves J_l J_lᵀ, formed without concatenating leaves and without overflow.
+"""The Gramian G = Σ_leaves J_l J_lᵀ, formed without concatenating leaves and without overflow, and
+cleaned of what its rounding leaves undetermined.
 
 The fast path multiplies each leaf as it comes, accumulating in float32 (float64 for float64
-leaves). Squares of entries above ~1e19 overflow float32 and squares below ~1e-19 lose precision as
-subnormals; when the diagonal shows either (a non-finite, tiny or zero G_ii), the Gramian is formed
-again from the leaves divided by a power of two near their largest magnitude, which is exact, and the
-scale is put back in float64. The result is always float64: it holds the squares of any float32
-Jacobian, and every K x K method works in float64.
+leaves) over chunks of at most ``CHUNK`` columns whose partial Gramians are added in float64, so
+that the rounding does not grow with D (see ``_numerics``). Squares of entries above ~1e19 overflow
+float32 and squares below ~1e-19 lose precision as subnormals; when the diagonal shows either (a
+non-finite, tiny or zero G_ii), the Gramian is formed again from the leaves divided by a power of
+two near their largest magnitude, which is exact, and the scale is put back in float64. The result
+is always float64: it holds the squares of any float32 Jacobian, and every K x K method works in
+float64.
+
+Cleaning: G is symmetrised, and the eigenvalues of A = S G S at or below its noise floor's cut τ
+(``_numerics``) are set to 0 (``spectral.denoise``), which also repairs a G that rounding left a
+hair indefinite. With it comes the projector onto the range of G that the weights are reduced by.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from ._numerics import CHUNK, eigen_cut, full_precision_matmul, gramian_noise
 from .solvers import native
-from .solvers._loop import opaque
-from .solvers.spectral import nearest_psd
+from .solvers._loop import can_stop_early, opaque
+from .solvers.spectral import denoise, well_above
 
 # Positive diagonal entries below these are suspected of underflow in the accumulation dtype.
 _TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
+
+
+class Gram(NamedTuple):
+    """A clean Gramian (float64) with what the weights need to know of its rounding.
+
+    ``noise`` is δ of ``_numerics``; ``proj`` the projector (K x K, acting on weights) onto the
+    range of G where cleaning removed a null space, else None; ``finite`` whether G is finite where
+    that came for free, else None."""
+
+    g: torch.Tensor
+    noise: float
+    proj: torch.Tensor | None = None
+    finite: bool | None = None
 
 
 def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
@@ -25,20 +48,45 @@ def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def noise_of(leaves: list[torch.Tensor]) -> float:
+    """δ for the Gramian of these leaves (``_numerics.gramian_noise``)."""
+    dtypes = [leaf.dtype for leaf in leaves]
+    k = leaves[0].shape[0]
+    width = sum(leaf.numel() for leaf in leaves) // max(k, 1)
+    return gramian_noise(accumulation_dtype(dtypes), dtypes, width)
+
+
 def _as_rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rows = leaf.reshape(leaf.shape[0], -1)
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
+def _fold(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part.to(torch.float64) if total is None else total.add_(part)
+
+
 def fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    """Σ_l J_l J_lᵀ accumulated leaf by leaf, each leaf first multiplied by the ``factors`` in turn."""
-    g = None
-    for leaf in leaves:
-        rows = _as_rows(leaf, dtype)
-        for factor in factors:
-            rows = rows * factor
-        g = rows @ rows.T if g is None else g.addmm_(rows, rows.T)
-    return g
+    """Σ_l J_l J_lᵀ in float64, accumulated in ``dtype`` over at most ``CHUNK`` columns at a time
+    (small leaves share a chunk), each leaf first multiplied by the ``factors`` in turn."""
+    with full_precision_matmul():
+        total, part, width = None, None, 0
+        for leaf in leaves:
+            rows = _as_rows(leaf, dtype)
+            for factor in factors:
+                rows = rows * factor
+            n = rows.shape[1]
+            if dtype == torch.float64 or n <= CHUNK:
+                part = rows @ rows.T if part is None else part.addmm_(rows, rows.T)
+                width += n
+                if width >= CHUNK and dtype != torch.float64:
+                    total, part, width = _fold(total, part), None, 0
+                continue
+            for start in range(0, n, CHUNK):
+                block = rows[:, start:start + CHUNK]
+                total = _fold(total, block @ block.T)
+        if part is not None:
+            total = _fold(total, part)
+    return total
 
 
 def rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -48,57 +96,74 @@ def rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     # 2^-e may not be representable in float32 (e down to -149), its two halves are.
     half = torch.exp2(-torch.floor(exponent / 2)).to(dtype)
     rest = torch.exp2(-exponent + torch.floor(exponent / 2)).to(dtype)
-    return fast(leaves, dtype, (half, rest)).to(torch.float64) * torch.exp2(2.0 * exponent)
+    return fast(leaves, dtype, (half, rest)) * torch.exp2(2.0 * exponent)
 
 
-def needs_rescale(g: torch.Tensor) -> torch.Tensor:
-    """Whether the fast Gramian overflowed or may have underflowed (a 0-dim bool tensor).
+def needs_rescale(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether the fast Gramian (accumulated in ``dtype``) overflowed or may have underflowed (a
+    0-dim bool tensor).
 
     A zero G_ii is suspect too: a row of entries below ~1e-23 squares to exact zeros in float32.
     (A truly zero gradient then costs one extra pass; the rescaled Gramian keeps it zero.)
     """
     diag = torch.diagonal(g)
-    return ~torch.isfinite(diag).all() | (diag < _TINY[g.dtype]).any()
+    return ~torch.isfinite(diag).all() | (diag < _TINY[dtype]).any()
 
 
 def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
     """float64 K x K Gramian. With ``rescue``, reads one flag and recomputes when it overflowed."""
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     g = fast(leaves, dtype)
-    if rescue and bool(needs_rescale(g)):
+    if rescue and bool(needs_rescale(g, dtype)):
         return rescaled(leaves, dtype)
-    return g.to(torch.float64)
+    return g
 
 
-def clean(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """G symmetrised, and for float32 accumulation projected back to PSD where rounding left it a
-    hair indefinite. (BLAS may sum G_ij and G_ji in different orders: in float32 they differ in
-    the 7th digit, and the solvers read one triangle in one place and the other in another.)"""
+def clean(g: torch.Tensor, noise: float, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(G symmetrised and denoised, the range projector or None). Where a Cholesky factorisation
+    proves λ_min(A) > τ (far cheaper than an eigendecomposition; ``checked`` says it failed already)
+    G stays as it is."""
     g = 0.5 * (g + g.T)
-    return g if dtype == torch.float64 else nearest_psd(g)
+    cut = eigen_cut(noise, g.shape[-1])
+    if can_stop_early(g) and not checked and well_above(g, cut):
+        return g, None
+    return denoise(g, cut)
 
 
-def host_gramian(leaves: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, bool | None]:
-    """The clean Gramian of CPU leaves, with one call into C to symmetrise, convert and test it
-    (finite, overflow, PSD); returns (G, whether G is finite, or None where a rescue recomputed it)."""
-    g, flags = native.prepare(fast(leaves, dtype), dtype != torch.float64)
+def host_gramian(leaves: list[torch.Tensor], dtype: torch.dtype, noise: float) -> Gram:
+    """The clean Gramian of CPU leaves, with one call into C to symmetrise and test it (finite,
+    overflow, λ_min(A) above the cut)."""
+    g, flags = native.prepare(fast(leaves, dtype), eigen_cut(noise, leaves[0].shape[0]), _TINY[dtype])
     if flags & native.RESCUE:
-        return clean(rescaled(leaves, dtype), dtype), None
-    return (nearest_psd(g) if flags & native.INDEFINITE else g), not flags & native.NONFINITE
+        g, proj = clean(rescaled(leaves, dtype), noise)
+        return Gram(g, noise, proj, None)
+    if flags & native.INDEFINITE:
+        g, proj = clean(g, noise, checked=True)
+        return Gram(g, noise, proj, not flags & native.NONFINITE)
+    return Gram(g, noise, None, not flags & native.NONFINITE)
 
 
-def _clean_gramian_impl(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
-    """The clean float64 Gramian as one operator, so that the overflow rescue and the PSD test stay
-    out of compiled graphs."""
+def _clean_gramian_impl(leaves: list[torch.Tensor], rescue: bool, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean G, range projector) as one operator, so that the overflow rescue and the cleaning
+    stay out of compiled graphs. The projector is the identity where nothing was removed."""
+    g, proj = clean_gramian(leaves, rescue, noise)
+    if proj is None:
+        proj = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    return g, proj
+
+
+def clean_gramian(leaves: list[torch.Tensor], rescue: bool, noise: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The clean float64 Gramian and its range projector (None where nothing was removed)."""
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if native.on_host(leaves[0]):
-        return host_gramian(leaves, dtype)[0]
-    return clean(gramian_of_leaves(leaves, rescue), dtype)
+        gram = host_gramian(leaves, dtype, noise)
+        return gram.g, gram.proj
+    return clean(gramian_of_leaves(leaves, rescue), noise)
 
 
-def _gramian_fake(leaves, rescue):
+def _gramian_fake(leaves, rescue, noise):
     k = leaves[0].shape[0]
-    return leaves[0].new_empty((k, k), dtype=torch.float64)
+    return leaves[0].new_empty((k, k), dtype=torch.float64), leaves[0].new_empty((k, k), dtype=torch.float64)
 
 
 clean_gramian_op = opaque("gramian", _gramian_fake)(_clean_gramian_impl)

@@ -768,38 +768,35 @@ static PyObject *py_nash(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return run_weighting(args, nargs, 6, 3, w_nash, "nash");
 }
 
-/* prepare(raw, is_float32, k, out, psd_check) -> flags. out = ½(G + Gᵀ) in double from the raw
- * accumulated Gramian; flags: 1 the diagonal shows overflow or underflow (gradagg/_gramian.py,
- * needs_rescale), 2 an entry is not finite, 4 (with psd_check) the unit-diagonal scaling plus
- * 1e-14 I has no Cholesky factor (gradagg/solvers/spectral.py, nearest_psd). */
+/* prepare(raw, k, out, shift, tiny) -> flags. out = ½(G + Gᵀ) from the accumulated float64 Gramian
+ * raw; flags: 1 the diagonal shows overflow or underflow (a non-finite entry or one below tiny;
+ * gradagg/_gramian.py, needs_rescale), 2 an entry is not finite, 4 (when shift ≥ 0) the
+ * unit-diagonal scaling minus shift·I has no Cholesky factor, i.e. an eigenvalue of A = S G S lies
+ * at or below the noise floor's cut (gradagg/solvers/spectral.py, well_above; zero rows, which are
+ * exact, get a unit pivot). */
 static PyObject *py_prepare(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "prepare takes 5 arguments");
         return NULL;
     }
-    const void *raw = PyLong_AsVoidPtr(args[0]);
+    const double *raw = PyLong_AsVoidPtr(args[0]);
     if (PyErr_Occurred()) return NULL;
-    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]);
+    long k = PyLong_AsLong(args[1]);
     if (PyErr_Occurred()) return NULL;
-    double *out = PyLong_AsVoidPtr(args[3]);
+    double *out = PyLong_AsVoidPtr(args[2]);
     if (PyErr_Occurred()) return NULL;
-    long psd_check = PyLong_AsLong(args[4]);
+    double shift = PyFloat_AsDouble(args[3]), tiny = PyFloat_AsDouble(args[4]);
     if (PyErr_Occurred()) return NULL;
     size_t n = (size_t)k;
     for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < n; j++) {
-            double x = f32 ? ((const float *)raw)[i * n + j] : ((const double *)raw)[i * n + j];
-            double y = f32 ? ((const float *)raw)[j * n + i] : ((const double *)raw)[j * n + i];
-            out[i * n + j] = 0.5 * (x + y);
-        }
+        for (size_t j = 0; j < n; j++) out[i * n + j] = 0.5 * (raw[i * n + j] + raw[j * n + i]);
     long flags = 0;
-    const double tiny = f32 ? ldexp(1.0, -60) : ldexp(1.0, -500);
     for (size_t i = 0; i < n; i++) {
-        double d = f32 ? ((const float *)raw)[i * n + i] : ((const double *)raw)[i * n + i];
+        double d = raw[i * n + i];
         if (!isfinite(d) || d < tiny) flags |= 1;
     }
     if (!all_finite(out, (Py_ssize_t)(n * n))) flags |= 2;
-    if (psd_check && !(flags & 2) && n > 0) {
+    if (shift >= 0.0 && !(flags & 2) && n > 0) {
         double *m = malloc(sizeof(double) * n * n), *s = malloc(sizeof(double) * n);
         if (!m || !s) {
             free(m);
@@ -808,7 +805,8 @@ static PyObject *py_prepare(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
         for (size_t i = 0; i < n; i++) s[i] = out[i * n + i] > 0.0 ? 1.0 / sqrt(out[i * n + i]) : 1.0;
         for (size_t i = 0; i < n; i++)
-            for (size_t j = 0; j < n; j++) m[i * n + j] = out[i * n + j] * s[i] * s[j] + (i == j ? 1e-14 : 0.0);
+            for (size_t j = 0; j < n; j++)
+                m[i * n + j] = out[i * n + j] * s[i] * s[j] + (i == j ? (out[i * n + i] > 0.0 ? -shift : 1.0) : 0.0);
         if (cholesky(m, (int)n)) flags |= 4;
         free(m);
         free(s);
@@ -874,11 +872,12 @@ static PyObject *py_pcgrad(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 
 /* coef = A⁺1 on the nonzero rows P of G, for A = SGS (s_i = 1/‖g_i‖, 0 for zero rows; coef is 0
- * off P), as spectral.pinv_solve(unit_scaling(G), 1_P) computes it, where the pseudo-inverse is the
- * inverse: A_PP has unit diagonal, so λ_max ≤ |P|, and λ_min ≥ 1/‖A_PP⁻¹‖_F; when that bound exceeds
- * 1e-10 |P| no eigenvalue falls under the 1e-12 λ_max cut of pinv_solve and the Cholesky solve
- * gives the same coef. Otherwise FALLBACK: the caller uses the eigendecomposition. */
-static int unit_pinv_ones(const double *g, int k, double *s, double *coef, Arena *ar) {
+ * off P), where A_PP is provably invertible above the noise floor's cut: A_PP has unit diagonal,
+ * so λ_max ≤ |P|, and λ_min ≥ 1/‖A_PP⁻¹‖_F = *bound; when that bound exceeds both the cut and
+ * 1e-10 |P|, no eigenvalue falls under the cut of solvers/spectral.py (max(cut, 1e-12 λ_max)) and
+ * the Cholesky solve gives what the spectrum would. Otherwise FALLBACK: the caller uses the
+ * spectrum. */
+static int unit_pinv_ones(const double *g, int k, double cut, double *s, double *coef, double *bound, Arena *ar) {
     double *m = take(ar, (size_t)k * k), *col = take(ar, k), *x = take(ar, k);
     int *idx = (int *)take(ar, k);
     int n = 0;
@@ -888,6 +887,7 @@ static int unit_pinv_ones(const double *g, int k, double *s, double *coef, Arena
         if (d > 0.0) idx[n++] = i;
         coef[i] = 0.0;
     }
+    *bound = INFINITY;
     if (n == 0) return OK;
     for (int r = 0; r < n; r++)
         for (int c = 0; c < n; c++) m[r * n + c] = g[(size_t)idx[r] * k + idx[c]] * s[idx[r]] * s[idx[c]];
@@ -898,48 +898,51 @@ static int unit_pinv_ones(const double *g, int k, double *s, double *coef, Arena
         cholesky_solve(m, n, col);
         for (int r = 0; r < n; r++) frob += col[r] * col[r];
     }
-    if (!(1.0 / sqrt(frob) > 1e-10 * n)) return FALLBACK;
+    *bound = 1.0 / sqrt(frob);
+    if (!(*bound > 1e-10 * n && *bound > cut)) return FALLBACK;
     for (int r = 0; r < n; r++) x[r] = 1.0;
     cholesky_solve(m, n, x);
     for (int r = 0; r < n; r++) coef[idx[r]] = x[r];
     return OK;
 }
 
-/* IMTL-G (gradagg/_methods/imtl_g.py): w = S A⁺1 / Σ S A⁺1. */
-static int imtl_g_solve(const double *g, int k, double *w, Arena *ar) {
-    double *s = take(ar, k), *coef = take(ar, k);
-    int status = unit_pinv_ones(g, k, s, coef, ar);
+/* solvers/spectral.py, perpendicular_tol: cut / λ_min within [1e-12, ½]. */
+static double perpendicular_tol(double cut, double low) {
+    double t = cut / low;
+    return t < 1e-12 ? 1e-12 : (t > 0.5 ? 0.5 : t);
+}
+
+/* IMTL-G (gradagg/_methods/imtl_g.py) for invertible G: w = S A⁻¹1 / Σ S A⁻¹1, and 0 where the sum
+ * vanishes within the floor. */
+static int imtl_g_solve(const double *g, int k, double cut, double *w, Arena *ar) {
+    double *s = take(ar, k), *coef = take(ar, k), bound;
+    int status = unit_pinv_ones(g, k, cut, s, coef, &bound, ar);
     if (status != OK) return status;
-    double total = 0.0, size = 0.0, peak = 0.0;
+    double total = 0.0, size = 0.0;
     for (int i = 0; i < k; i++) {
         w[i] = s[i] * coef[i];
         total += w[i];
         size += fabs(w[i]);
-        peak = fabs(coef[i]) > peak ? fabs(coef[i]) : peak;
     }
-    /* As in the torch version: A⁺1 below 1e-8, or a vanishing sum, is no direction. */
-    int ok = fabs(total) > 1e-12 * size && peak > 1e-8;
+    int ok = fabs(total) > perpendicular_tol(cut, bound) * size;
     for (int i = 0; i < k; i++) w[i] = ok ? w[i] / total : 0.0;
     return OK;
 }
 
-/* ConFIG (gradagg/_methods/config.py): v = S A⁺1, w = ((1ᵀG) v / vᵀGv) v. */
-static int config_solve(const double *g, int k, double *w, Arena *ar) {
-    double *s = take(ar, k), *coef = take(ar, k);
-    int status = unit_pinv_ones(g, k, s, coef, ar);
+/* ConFIG (gradagg/_methods/config.py) for invertible A: v = S A⁻¹1, w = ((1ᵀG) v / vᵀGv) v. */
+static int config_solve(const double *g, int k, double cut, double *w, Arena *ar) {
+    double *s = take(ar, k), *coef = take(ar, k), bound;
+    int status = unit_pinv_ones(g, k, cut, s, coef, &bound, ar);
     if (status != OK) return status;
-    double peak = 0.0, along = 0.0;
-    for (int i = 0; i < k; i++) {
-        w[i] = s[i] * coef[i];
-        peak = fabs(coef[i]) > peak ? fabs(coef[i]) : peak;
-    }
+    double along = 0.0;
+    for (int i = 0; i < k; i++) w[i] = s[i] * coef[i];
     double norm_sq = quad_form(g, w, k);
     for (int j = 0; j < k; j++) {
         double column = 0.0;
         for (int i = 0; i < k; i++) column += g[(size_t)i * k + j];
         along += column * w[j];
     }
-    int ok = norm_sq > 0.0 && peak > 1e-8;
+    int ok = norm_sq > 0.0;
     for (int i = 0; i < k; i++) w[i] = ok ? along / norm_sq * w[i] : 0.0;
     return OK;
 }
@@ -994,10 +997,11 @@ static PyObject *py_krum(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return run_weighting(args, nargs, 6, 2, w_krum, "krum");
 }
 
-/* Eigendecomposition of the symmetric n x n matrix a (destroyed) by cyclic Jacobi rotations
- * (Golub & Van Loan, Matrix Computations, 8.5), which reach the eigenvalues to high relative
- * accuracy: lam gets the eigenvalues, v (row-major) the eigenvectors as columns. Returns 0, or 1
- * if 60 sweeps did not bring every off-diagonal entry below 1e-17 of its two diagonal entries. */
+/* Eigendecomposition of the symmetric positive definite n x n matrix a (destroyed) by cyclic Jacobi
+ * rotations (Golub & Van Loan, Matrix Computations, 8.5), which reach the eigenvalues to high
+ * relative accuracy (Demmel & Veselić 1992): lam gets the eigenvalues, v (row-major) the
+ * eigenvectors as columns. Returns 0, or 1 if 60 sweeps did not bring every off-diagonal entry
+ * below 1e-16 of the geometric mean of its two diagonal entries. */
 static int jacobi_eigh(double *a, int n, double *lam, double *v) {
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) v[i * n + j] = i == j ? 1.0 : 0.0;
@@ -1007,8 +1011,10 @@ static int jacobi_eigh(double *a, int n, double *lam, double *v) {
             for (int q = p + 1; q < n; q++) {
                 double apq = a[p * n + q];
                 if (apq == 0.0) continue;
-                /* Negligible beside the diagonal (below its rounding): set to 0, as Jacobi does. */
-                if (fabs(apq) <= 1e-17 * (fabs(a[p * n + p]) + fabs(a[q * n + q]))) {
+                /* Negligible beside the diagonal, relative to the geometric mean of its two entries
+                 * (Demmel & Veselić's criterion, which keeps small eigenvalues of graded matrices
+                 * accurate; a sum of the two would let the larger hide the smaller): set to 0. */
+                if (fabs(apq) <= 1e-16 * sqrt(fabs(a[p * n + p] * a[q * n + q]))) {
                     a[p * n + q] = a[q * n + p] = 0.0;
                     continue;
                 }
@@ -1041,54 +1047,53 @@ static int jacobi_eigh(double *a, int n, double *lam, double *v) {
     return 1;
 }
 
-/* Aligned-MTL (gradagg/_methods/aligned_mtl.py): w = σ V Λ^(−1/2) Vᵀ p over the eigenvalues above
- * 1e-12 λ_max of G / max G_ii, σ² the smallest (mode 0), median (1) or mean (2) kept eigenvalue. */
-static int aligned_solve(const double *g, const double *pref, int k, int mode, double *w, Arena *ar) {
+/* Aligned-MTL (gradagg/_methods/aligned_mtl.py) where A = S G S is provably above the cut (a Cholesky
+ * factor of A − cut·I exists; no zero rows): w = σ V Λ^(−1/2) Vᵀ p over every eigenvalue of G,
+ * σ² the smallest (mode 0), median (1) or mean (2). Otherwise FALLBACK: the graded factor in torch. */
+static int aligned_solve(const double *g, const double *pref, int k, int mode, double cut, double *w, Arena *ar) {
     double *a = take(ar, (size_t)k * k), *v = take(ar, (size_t)k * k), *lam = take(ar, k), *x = take(ar, k),
            *ordered = take(ar, k);
     double peak = 0.0;
-    for (int i = 0; i < k; i++) peak = g[(size_t)i * k + i] > peak ? g[(size_t)i * k + i] : peak;
-    if (peak < DBL_MIN) peak = DBL_MIN;
+    for (int i = 0; i < k; i++) {
+        double d = g[(size_t)i * k + i];
+        if (!(d > 0.0)) return FALLBACK;
+        x[i] = 1.0 / sqrt(d);
+        peak = d > peak ? d : peak;
+    }
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++) a[(size_t)i * k + j] = g[(size_t)i * k + j] * x[i] * x[j] - (i == j ? cut : 0.0);
+    if (cholesky(a, k)) return FALLBACK;
     for (size_t i = 0; i < (size_t)k * k; i++) a[i] = g[i] / peak;
     if (jacobi_eigh(a, k, lam, v)) return FALLBACK;
-    double top = 0.0;
-    for (int i = 0; i < k; i++) top = lam[i] > top ? lam[i] : top;
-    int kept = 0;
     double low = INFINITY, total = 0.0;
     for (int i = 0; i < k; i++) {
-        int keep = lam[i] > 1e-12 * top;
-        ordered[i] = keep ? lam[i] : INFINITY;
-        if (keep) {
-            kept++;
-            total += lam[i];
-            low = lam[i] < low ? lam[i] : low;
-        }
+        if (!(lam[i] > 0.0)) return FALLBACK;
+        ordered[i] = lam[i];
+        total += lam[i];
+        low = lam[i] < low ? lam[i] : low;
     }
-    double sigma2 = 0.0;
-    if (kept > 0) {
-        if (mode == 0) {
-            sigma2 = low;
-        } else if (mode == 2) {
-            sigma2 = total / kept;
-        } else {
-            for (int i = 1; i < k; i++) { /* sort: kept eigenvalues first, ascending */
-                double x0 = ordered[i];
-                int p = i;
-                while (p > 0 && ordered[p - 1] > x0) {
-                    ordered[p] = ordered[p - 1];
-                    p--;
-                }
-                ordered[p] = x0;
+    double sigma2;
+    if (mode == 0) {
+        sigma2 = low;
+    } else if (mode == 2) {
+        sigma2 = total / k;
+    } else {
+        for (int i = 1; i < k; i++) { /* ascending */
+            double x0 = ordered[i];
+            int p = i;
+            while (p > 0 && ordered[p - 1] > x0) {
+                ordered[p] = ordered[p - 1];
+                p--;
             }
-            int lo = (kept - 1) / 2, hi = kept / 2 < k - 1 ? kept / 2 : k - 1;
-            sigma2 = 0.5 * (ordered[lo] + ordered[hi]);
+            ordered[p] = x0;
         }
+        sigma2 = 0.5 * (ordered[(k - 1) / 2] + ordered[k / 2]);
     }
     double sigma = sqrt(sigma2);
-    for (int j = 0; j < k; j++) { /* x = Λ^(−1/2) Vᵀ p on the kept eigenvalues */
+    for (int j = 0; j < k; j++) { /* x = Λ^(−1/2) Vᵀ p */
         double vp = 0.0;
         for (int i = 0; i < k; i++) vp += v[(size_t)i * k + j] * pref[i];
-        x[j] = lam[j] > 1e-12 * top ? vp / sqrt(lam[j]) : 0.0;
+        x[j] = vp / sqrt(lam[j]);
     }
     for (int i = 0; i < k; i++) {
         double wi = 0.0;
@@ -1100,27 +1105,36 @@ static int aligned_solve(const double *g, const double *pref, int k, int mode, d
 
 static int w_aligned(void **ptr, PyObject *const *rest, int k, Arena *ar) {
     long mode = PyLong_AsLong(rest[0]);
+    double cut = PyFloat_AsDouble(rest[1]);
     if (PyErr_Occurred()) return -1;
-    return aligned_solve(ptr[0], ptr[1], k, (int)mode, ptr[2], ar);
+    return aligned_solve(ptr[0], ptr[1], k, (int)mode, cut, ptr[2], ar);
 }
 
-/* aligned_mtl(g, pref, w, k, k, mode) -> status (4: use the torch path) */
+/* aligned_mtl(g, pref, w, k, k, mode, cut) -> status (4: use the torch path) */
 static PyObject *py_aligned_mtl(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return run_weighting(args, nargs, 6, 3, w_aligned, "aligned_mtl");
+    return run_weighting(args, nargs, 7, 3, w_aligned, "aligned_mtl");
 }
 
-static int w_config(void **ptr, PyObject *const *rest, int k, Arena *ar) { return config_solve(ptr[0], k, ptr[1], ar); }
+static int w_config(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    double cut = PyFloat_AsDouble(rest[0]);
+    if (PyErr_Occurred()) return -1;
+    return config_solve(ptr[0], k, cut, ptr[1], ar);
+}
 
-/* config(g, w, k, k) -> status (4: use the torch path) */
+/* config(g, w, k, k, cut) -> status (4: use the torch path) */
 static PyObject *py_config(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return run_weighting(args, nargs, 4, 2, w_config, "config");
+    return run_weighting(args, nargs, 5, 2, w_config, "config");
 }
 
-static int w_imtl_g(void **ptr, PyObject *const *rest, int k, Arena *ar) { return imtl_g_solve(ptr[0], k, ptr[1], ar); }
+static int w_imtl_g(void **ptr, PyObject *const *rest, int k, Arena *ar) {
+    double cut = PyFloat_AsDouble(rest[0]);
+    if (PyErr_Occurred()) return -1;
+    return imtl_g_solve(ptr[0], k, cut, ptr[1], ar);
+}
 
-/* imtl_g(g, w, k, k) -> status (4: use the torch path) */
+/* imtl_g(g, w, k, k, cut) -> status (4: use the torch path) */
 static PyObject *py_imtl_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return run_weighting(args, nargs, 4, 2, w_imtl_g, "imtl_g");
+    return run_weighting(args, nargs, 5, 2, w_imtl_g, "imtl_g");
 }
 
 /* ------------------------------------------------------------------------------------------------

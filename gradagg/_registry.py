@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._numerics import FLOAT64_NOISE
+
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
 
 
@@ -20,6 +22,8 @@ class Context(NamedTuple):
     generator: torch.Generator | None = None
     state: Any = None
     losses: torch.Tensor | None = None
+    #: δ, the rounding of each entry of G relative to ‖g_i‖‖g_j‖ (see ``_numerics``).
+    noise: float = FLOAT64_NOISE
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,30 @@
 """Aligned-MTL. Senushkin et al. (2023), "Independent component alignment for multi-task learning".
 
-With G = V Λ Vᵀ and the eigenvalues above RTOL · λ_max kept,
+With G = V Λ Vᵀ restricted to its range,
 
     B = σ V Λ^(−1/2) Vᵀ,   w = B p,
 
 where σ = √λ_min (scale_mode="min"), √median λ ("median", the mean of the two middle values for
 an even count) or √mean λ ("rmse"). Jᵀ B has orthogonal rows of equal norm σ: the task gradients
 aligned into a well-conditioned system. A zero Jacobian gives w = 0.
+
+The range is decided at the Gramian's noise floor on the unit-diagonal scaling A = S G S (an
+eigenvalue of A at or below the cut is a null direction, whatever the norms), and the eigenpairs of
+G on it come from its graded factor (``solvers.spectral.graded_range``) or, for K ≤ 16 where A is
+provably above the cut, from a Jacobi eigendecomposition of G in C: both resolve small eigenvalues
+to high relative accuracy, so tasks whose gradients are 10⁶ times smaller keep their share. (An
+eigendecomposition of G itself would give them ε λ_max, and σ = √λ_min would be noise.)
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._numerics import eigen_cut
 from .._registry import Context, Method, Option, as_vector, choice, k_vector, register
 from ..solvers import native
-from ..solvers.spectral import RTOL, finite_eigh
+from ..solvers._loop import opaque
+from ..solvers.spectral import graded_range, scaled_spectrum
 
 
 def _sigma(lam: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
@@ -31,23 +40,28 @@ def _sigma(lam: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 _MODES = {"min": 0, "median": 1, "rmse": 2}
+_NAMES = {code: name for name, code in _MODES.items()}
 JACOBI_MAX_K = 16
 
 
-def _aligned_mtl(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None, scale_mode: str) -> torch.Tensor:
-    # Up to K = 16 a Jacobi eigendecomposition in C is faster than torch's eigh (O(K³) per sweep,
-    # several sweeps: from K ≈ 16 on LAPACK's is); torch's eigh too if Jacobi does not converge.
+def _aligned_impl(g: torch.Tensor, pref: torch.Tensor, mode: int, cut: float) -> torch.Tensor:
+    # Up to K = 16 a Jacobi eigendecomposition in C is faster than torch's (O(K³) per sweep, several
+    # sweeps), where A is provably well above the cut; the graded factor otherwise.
     if native.usable(g) and g.shape[-1] <= JACOBI_MAX_K:
-        w = native.aligned_mtl(g, as_vector(pref, g), _MODES[scale_mode])
+        w = native.aligned_mtl(g, pref, mode, cut)
         if w is not None:
             return w
-    gn = g / torch.diagonal(g).amax().clamp_min(torch.finfo(g.dtype).tiny)
-    lam, vec = finite_eigh(gn)
-    keep = lam > RTOL * lam.amax().clamp_min(0)
-    safe = torch.where(keep, lam, 1.0)
-    sigma = torch.where(keep.any(), _sigma(safe, keep, scale_mode), 0.0).sqrt()
-    inv_sqrt = torch.where(keep, safe.rsqrt(), 0.0)
-    return sigma * (vec @ (inv_sqrt * (vec.mT @ as_vector(pref, g))))
+    u, sigma2, valid = graded_range(scaled_spectrum(g, cut))
+    safe = torch.where(valid, sigma2, 1.0)
+    sigma = torch.where(valid.any(), _sigma(safe, valid, _NAMES[mode]), 0.0).sqrt()
+    return sigma * (u @ (torch.where(valid, safe.rsqrt(), 0.0) * (u.mT @ pref)))
+
+
+_aligned_op = opaque("aligned_mtl", lambda g, pref, mode, cut: g.new_empty(g.shape[-1]))(_aligned_impl)
+
+
+def _aligned_mtl(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None, scale_mode: str) -> torch.Tensor:
+    return _aligned_op(g, as_vector(pref, g), _MODES[scale_mode], eigen_cut(ctx.noise, g.shape[-1]))
 
 
 register(Method(

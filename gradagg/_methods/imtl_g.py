@@ -3,42 +3,53 @@ multi-task learning".
 
     w ∝ G⁺ √diag(G),  normalised so that Σ w = 1,
 
-so that d = Jᵀw has equal projections d·u_i on every unit task gradient u_i = g_i/‖g_i‖.
-The pseudo-inverse is taken in the unit-diagonal scaling (w = S A⁺ S √diag G with A = SGS), which
-equals G⁺√diag G whenever G is invertible and keeps tasks of very different scales accurate; zero
-gradients get weight 0. Where Σ(G⁺√diag G) vanishes, or √diag G is orthogonal to the range of G (two opposite
-gradients), there is no normalised solution and w = 0.
+so that d = Jᵀw has equal projections d·u_i on every unit task gradient u_i = g_i/‖g_i‖ wherever
+such a d exists. With n = √diag(G), G⁺n = (J⁺)ᵀ J⁺ n and d ∝ J⁺n, the least-norm x minimising
+Σ_i (g_i·x − ‖g_i‖)². Where no direction has equal projections (more tasks than independent
+gradients, in general) this is the contract's least-squares answer, as every implementation's
+pseudo-inverse gives it; it weighs task i by ‖g_i‖², as the contract's G⁺ does.
+
+G⁺ is the pseudo-inverse of G itself, not that of the unit-diagonal scaling (S A⁺ S with A = SGS
+equals G⁺ only for invertible G). It is computed at the Gramian's noise floor: the rank is decided
+on A, and G⁺n from the graded factor of G's range (``solvers.spectral.graded_range``), which stays
+accurate when the norms are spread. Where A is safely invertible (its smallest eigenvalue provably
+above the cut), G⁺n = S A⁻¹ 1 by one Cholesky solve (in C on the CPU).
+
+Where Σ(G⁺n) vanishes within the floor (e.g. two opposite gradients of equal norm), or n is
+orthogonal to the range of G, there is no normalised solution and w = 0.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._numerics import eigen_cut
 from .._registry import Context, Method, register
 from ..solvers import native
 from ..solvers._loop import opaque
-from ..solvers.spectral import pinv_solve, unit_scaling
+from ..solvers.spectral import graded_range, perpendicular_tol, scaled_spectrum
 
 
-def _imtl_g_impl(g: torch.Tensor) -> torch.Tensor:
-    if native.usable(g):  # the common, safely invertible case in C; the rest via the eigendecomposition
-        w = native.pinv_weighting("imtl_g", g)
+def _imtl_g_impl(g: torch.Tensor, cut: float) -> torch.Tensor:
+    if native.usable(g):  # the common, safely invertible case in C; the rest via the spectrum
+        w = native.pinv_weighting("imtl_g", g, cut)
         if w is not None:
             return w
-    a, s = unit_scaling(g)
-    coef = pinv_solve(a, (s > 0).to(g.dtype))
-    v = s * coef
+    sp = scaled_spectrum(g, cut)
+    u, sigma2, valid = graded_range(sp)
+    along = u.mT @ sp.n  # n's coordinates in the range of G
+    v = u @ torch.where(valid, along / torch.where(valid, sigma2, 1.0), 0.0)
     total = v.sum()
-    # As for ConFIG: A⁺1 below 1e-8 is rounding noise (1 ⊥ range(A)), not a direction.
-    ok = (total.abs() > 1e-12 * v.abs().sum()) & (coef.abs().amax() > 1e-8)
+    tol = perpendicular_tol(sp, cut)
+    ok = (total.abs() > tol * v.abs().sum()) & ((along * valid).norm() > tol * sp.n.norm())
     return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0)
 
 
-_imtl_g_op = opaque("imtl_g", lambda g: g.new_empty(g.shape[-1]))(_imtl_g_impl)
+_imtl_g_op = opaque("imtl_g", lambda g, cut: g.new_empty(g.shape[-1]))(_imtl_g_impl)
 
 
 def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
-    return _imtl_g_op(g)
+    return _imtl_g_op(g, eigen_cut(ctx.noise, g.shape[-1]))
 
 
 register(Method(

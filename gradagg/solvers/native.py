@@ -123,13 +123,13 @@ def nash(g: torch.Tensor, previous: torch.Tensor, max_iter: int) -> torch.Tensor
     return alpha
 
 
-def aligned_mtl(g: torch.Tensor, pref: torch.Tensor, mode: int) -> torch.Tensor | None:
-    """Aligned-MTL's weights (``_methods.aligned_mtl``) from a Jacobi eigendecomposition, or None
-    if it did not converge (the caller then uses torch's eigh)."""
+def aligned_mtl(g: torch.Tensor, pref: torch.Tensor, mode: int, cut: float) -> torch.Tensor | None:
+    """Aligned-MTL's weights (``_methods.aligned_mtl``) from a Jacobi eigendecomposition where
+    S G S is provably above ``cut``, or None (the caller then uses the graded factor)."""
     g, pref = g.contiguous(), pref.contiguous()
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64)
-    status = _kkt.aligned_mtl(g.data_ptr(), pref.data_ptr(), w.data_ptr(), k, k, mode)
+    status = _kkt.aligned_mtl(g.data_ptr(), pref.data_ptr(), w.data_ptr(), k, k, mode, float(cut))
     if status == _FALLBACK:
         return None
     _check(status, "Aligned-MTL")
@@ -149,14 +149,14 @@ def krum(g: torch.Tensor, f: int, m: int) -> torch.Tensor:
 RESCUE, NONFINITE, INDEFINITE = 1, 2, 4
 
 
-def prepare(raw: torch.Tensor, psd_check: bool) -> tuple[torch.Tensor, int]:
-    """(½(G + Gᵀ) in float64, flags) from the accumulated float32/float64 Gramian: RESCUE where its
-    diagonal shows overflow or underflow, NONFINITE, and (with ``psd_check``) INDEFINITE where the
-    Cholesky test of ``spectral.nearest_psd`` fails."""
+def prepare(raw: torch.Tensor, shift: float, tiny: float) -> tuple[torch.Tensor, int]:
+    """(½(G + Gᵀ), flags) from the accumulated float64 Gramian: RESCUE where its diagonal shows
+    overflow or underflow (an entry below ``tiny``), NONFINITE, and (for ``shift`` ≥ 0) INDEFINITE
+    where some eigenvalue of A = S G S is at or below ``shift`` (``spectral.well_above`` fails)."""
     raw = raw.contiguous()
     k = raw.shape[-1]
     g = torch.empty((k, k), dtype=torch.float64)
-    flags = _kkt.prepare(raw.data_ptr(), int(raw.dtype == torch.float32), k, g.data_ptr(), int(psd_check))
+    flags = _kkt.prepare(raw.data_ptr(), k, g.data_ptr(), float(shift), float(tiny))
     return g, flags
 
 
@@ -170,13 +170,13 @@ def pcgrad(g: torch.Tensor, keys: torch.Tensor, weights: bool) -> torch.Tensor:
     return out
 
 
-def pinv_weighting(name: str, g: torch.Tensor) -> torch.Tensor | None:
-    """The weights of IMTL-G or ConFIG (``name``) where G is provably invertible on its nonzero rows
-    (then A⁺1 is a Cholesky solve), else None: the caller uses the eigendecomposition."""
+def pinv_weighting(name: str, g: torch.Tensor, cut: float) -> torch.Tensor | None:
+    """The weights of IMTL-G or ConFIG (``name``) where S G S is provably invertible above ``cut`` on
+    its nonzero rows (then A⁺1 is a Cholesky solve), else None: the caller uses the spectrum."""
     g = g.contiguous()
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64)
-    status = getattr(_kkt, name)(g.data_ptr(), w.data_ptr(), k, k)
+    status = getattr(_kkt, name)(g.data_ptr(), w.data_ptr(), k, k, float(cut))
     if status == _FALLBACK:
         return None
     _check(status, name)
