@@ -8,7 +8,20 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-KINDS = ("random", "rank_deficient", "duplicate", "opposite", "zero_row", "colinear", "norm_spread", "orthogonal")
+KINDS = ("random", "rank_deficient", "duplicate", "opposite", "zero_row", "colinear", "norm_spread", "orthogonal",
+         "low_rank", "low_rank_spread")
+
+
+def conditioned_low_rank(k: int, d: int, r: int, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """K rows of rank r whose nonzero structure is well conditioned: r orthogonal rows with norms
+    in [1, 10] and K − r random combinations of them, shuffled; every row then multiplied by
+    10^U(−spread, spread). The scaled Gramian's nonzero eigenvalues stay well above float32's noise
+    floor, so that every precision can resolve the rank (which is what the precision tests check)."""
+    r = max(1, min(r, k, d))
+    q, _ = np.linalg.qr(rng.standard_normal((d, r)))
+    base = q.T * rng.uniform(1.0, 10.0, size=(r, 1))
+    j = np.concatenate([base, rng.standard_normal((k - r, r)) @ base])[rng.permutation(k)]
+    return j * 10.0 ** rng.uniform(-spread, spread, size=(k, 1)) if spread else j
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,9 @@ class Case:
             j[int(rng.integers(1, k))] = j[0] * rng.uniform(0.5, 2.0) + 1e-7 * rng.standard_normal(d)
         elif self.kind == "norm_spread":
             j *= 10.0 ** rng.uniform(-6, 6, size=(k, 1))
+        elif self.kind in ("low_rank", "low_rank_spread"):
+            r = int(rng.integers(1, k)) if k > 1 else 1
+            j = conditioned_low_rank(k, d, r, 6.0 if self.kind == "low_rank_spread" else 0.0, rng)
         elif self.kind == "orthogonal":
             q, _ = np.linalg.qr(rng.standard_normal((max(d, k), k)))
             j = (q[:d, :k].T if d >= k else rng.standard_normal((k, d))) * rng.uniform(0.1, 10, size=(k, 1))
