@@ -1265,45 +1265,72 @@ static PyObject *py_graddrop(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* Per column: (Σ − the t largest − the t smallest) / (K − 2t). For t = 1 the extremes are a
  * branchless running max and min; larger t keep the extremes in sorted slots. A NaN or ±Inf makes
  * the sum, hence the result, non-finite. */
+/* The trimmed mean as the sum of the middle values themselves: each value goes through the network of
+ * the t largest seen so far, the value that network evicts through the network of the t smallest,
+ * and what that one evicts is a middle value. (Subtracting the extremes from the total instead would
+ * lose the middle values to cancellation beside large extremes.) The plain total is carried along
+ * only so that NaN or ±Inf anywhere in a column makes the result non-finite. */
 #define TRIMMED_KERNEL(NAME, T, COL)                                                                      \
     KERNEL static void NAME(const T *r, long k, long n, long s0, long s1, long t, T *work, T *out) {     \
-        T *sum = work, *top = sum + BLOCK, *bot = top + (size_t)BLOCK * (t > 0 ? t : 1);                  \
+        T *sum = work, *top = sum + BLOCK, *bot = top + (size_t)BLOCK * (t > 0 ? t : 1),                  \
+          *mid = bot + (size_t)BLOCK * (t > 0 ? t : 1);                                                   \
         for (long c0 = 0; c0 < n; c0 += BLOCK) {                                                          \
             long nb = n - c0 < BLOCK ? n - c0 : BLOCK;                                                    \
-            const T *first = r + c0 * s1;                                                                 \
-            for (long c = 0; c < nb; c++) sum[c] = top[c] = bot[c] = first[COL(c)];                       \
-            for (long i = 1; i < k; i++) {                                                                \
-                const T *row = r + i * s0 + c0 * s1;                                                      \
-                for (long c = 0; c < nb; c++) sum[c] += row[COL(c)];                                      \
-                if (t == 1)                                                                               \
+            if (t == 1) {                                                                                 \
+                const T *first = r + c0 * s1, *second = r + s0 + c0 * s1;                                 \
+                for (long c = 0; c < nb; c++) {                                                           \
+                    T a = first[COL(c)], b = second[COL(c)];                                              \
+                    sum[c] = a + b;                                                                       \
+                    top[c] = a > b ? a : b;                                                               \
+                    bot[c] = a > b ? b : a;                                                               \
+                    mid[c] = 0;                                                                           \
+                }                                                                                         \
+                for (long i = 2; i < k; i++) {                                                            \
+                    const T *row = r + i * s0 + c0 * s1;                                                  \
                     for (long c = 0; c < nb; c++) {                                                       \
                         T x = row[COL(c)];                                                                \
-                        top[c] = x > top[c] ? x : top[c];                                                 \
-                        bot[c] = x < bot[c] ? x : bot[c];                                                 \
+                        sum[c] += x;                                                                      \
+                        T out_of_top = x < top[c] ? x : top[c];                                           \
+                        top[c] = x < top[c] ? top[c] : x;                                                 \
+                        T out_of_bot = out_of_top > bot[c] ? out_of_top : bot[c];                         \
+                        bot[c] = out_of_top > bot[c] ? bot[c] : out_of_top;                               \
+                        mid[c] += out_of_bot;                                                             \
                     }                                                                                     \
-            }                                                                                             \
-            if (t == 1) {                                                                                 \
-                for (long c = 0; c < nb; c++) out[c0 + c] = (sum[c] - top[c] - bot[c]) / (T)(k - 2);      \
+                }                                                                                         \
+                for (long c = 0; c < nb; c++) out[c0 + c] = mid[c] / (T)(k - 2) + (T)0 * sum[c];          \
                 continue;                                                                                 \
             }                                                                                             \
             for (long c = 0; c < nb; c++) {                                                               \
-                T kept = sum[c];                                                                          \
-                if (t > 1) {                                                                              \
-                    T *hi = top + c * t, *lo = bot + c * t;                                               \
-                    for (long i = 0; i < k; i++) {                                                        \
-                        T x = r[i * s0 + (c0 + c) * s1];                                                  \
-                        long p = i < t ? i : t - 1;                                                       \
-                        if (i >= t && !(x > hi[t - 1])) p = -1;                                           \
+                T *hi = top + c * t, *lo = bot + c * t, total = 0, kept = 0;                              \
+                long nhi = 0, nlo = 0;                                                                    \
+                for (long i = 0; i < k; i++) {                                                            \
+                    T x = r[i * s0 + (c0 + c) * s1];                                                      \
+                    total += x;                                                                           \
+                    /* hi: descending; insert x, and x becomes what falls out (or nothing yet) */         \
+                    int full = nhi == t;                                                                  \
+                    long p = full ? t - 1 : nhi++;                                                        \
+                    if (full && !(x > hi[t - 1])) {                                                       \
+                        /* x itself falls out of the top */                                               \
+                    } else {                                                                              \
+                        T evicted = full ? hi[t - 1] : 0;                                                 \
                         for (; p > 0 && hi[p - 1] < x; p--) hi[p] = hi[p - 1];                            \
-                        if (p >= 0) hi[p] = x;                                                            \
-                        p = i < t ? i : t - 1;                                                            \
-                        if (i >= t && !(x < lo[t - 1])) p = -1;                                           \
-                        for (; p > 0 && lo[p - 1] > x; p--) lo[p] = lo[p - 1];                            \
-                        if (p >= 0) lo[p] = x;                                                            \
+                        hi[p] = x;                                                                        \
+                        if (!full) continue;                                                              \
+                        x = evicted;                                                                      \
                     }                                                                                     \
-                    for (long p = 0; p < t; p++) kept -= hi[p] + lo[p];                                   \
+                    /* lo: ascending; the same with what fell out of the top */                           \
+                    full = nlo == t;                                                                      \
+                    p = full ? t - 1 : nlo++;                                                             \
+                    if (full && !(x < lo[t - 1])) {                                                       \
+                        kept += x;                                                                        \
+                        continue;                                                                         \
+                    }                                                                                     \
+                    T evicted = full ? lo[t - 1] : 0;                                                     \
+                    for (; p > 0 && lo[p - 1] > x; p--) lo[p] = lo[p - 1];                                \
+                    lo[p] = x;                                                                            \
+                    if (full) kept += evicted;                                                            \
                 }                                                                                         \
-                out[c0 + c] = kept / (T)(k - 2 * t);                                                      \
+                out[c0 + c] = kept / (T)(k - 2 * t) + (T)0 * total;                                       \
             }                                                                                             \
         }                                                                                                 \
     }
@@ -1318,7 +1345,7 @@ static PyObject *py_trimmed_mean(PyObject *self, PyObject *const *args, Py_ssize
     if (!parse_rows(args, nargs, 8, "trimmed_mean", &r)) return NULL;
     long t = PyLong_AsLong(args[6]);
     if (PyErr_Occurred()) return NULL;
-    double *work = malloc(sizeof(double) * (size_t)BLOCK * (1 + 2 * (size_t)(t > 0 ? t : 1)));
+    double *work = malloc(sizeof(double) * (size_t)BLOCK * (2 + 2 * (size_t)(t > 0 ? t : 1)));
     if (!work) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     if (r.f32)

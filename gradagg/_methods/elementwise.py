@@ -46,21 +46,29 @@ def _abs_sums(r: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tens
     return plain, plain if weights is None else weighted
 
 
-def _extreme_sum(r: torch.Tensor, t: int, largest: bool) -> torch.Tensor:
-    """Per coordinate, the sum of the t largest (or smallest) values: an insertion network of
-    2·K·t element-wise max/min ops (NaN propagates through them)."""
-    keep, drop = (torch.maximum, torch.minimum) if largest else (torch.minimum, torch.maximum)
-    slots = [r[j] for j in range(t)]  # any t rows to start with, then sorted by insertion
-    for j in range(1, t):
-        x = slots[j]
-        for i in range(j):
-            slots[i], x = keep(slots[i], x), drop(slots[i], x)
-        slots[j] = x
-    for row in range(t, r.shape[0]):
+def _middle_sum(r: torch.Tensor, t: int) -> torch.Tensor:
+    """Per coordinate, the sum of the values left after dropping the t largest and t smallest: each
+    row goes through an insertion network of the t largest so far, what falls out of it through one
+    of the t smallest, and what falls out of that is a middle value (4·K·t element-wise max/min ops).
+    Summing the middle values themselves, rather than subtracting the extremes from the total, keeps
+    them from cancelling against large extremes. NaN propagates through max/min."""
+    top: list[torch.Tensor] = []
+    bottom: list[torch.Tensor] = []
+    middle = None
+    for row in range(r.shape[0]):
         x = r[row]
-        for i in range(t):
-            slots[i], x = keep(slots[i], x), drop(slots[i], x)
-    return torch.stack(slots).sum(0) if t > 1 else slots[0]
+        for i in range(len(top)):
+            top[i], x = torch.maximum(top[i], x), torch.minimum(top[i], x)
+        if len(top) < t:
+            top.append(x)
+            continue
+        for i in range(len(bottom)):
+            bottom[i], x = torch.minimum(bottom[i], x), torch.maximum(bottom[i], x)
+        if len(bottom) < t:
+            bottom.append(x)
+            continue
+        middle = x if middle is None else middle + x
+    return middle
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -117,17 +125,17 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
 
 
 def _trimmed_mean(rows: list[torch.Tensor], ctx: Context, trim: int) -> list[torch.Tensor]:
-    # The sum less the trim largest and trim smallest values. NaN or ±Inf anywhere in a column
-    # makes its sum, hence the result, non-finite.
+    # The sum of the values left after dropping the trim largest and smallest. NaN or ±Inf anywhere
+    # in a column makes the result non-finite.
     k = rows[0].shape[0]
     if trim > 0 and native.rows_ok(rows):  # (trim = 0 is the mean: a BLAS product is faster)
         return [native.trimmed_mean(r, trim) for r in rows]
     out = []
     for r in rows:
-        kept = torch.ones(k, dtype=r.dtype, device=r.device) @ r
-        if trim > 0:
-            kept = kept - _extreme_sum(r, trim, True) - _extreme_sum(r, trim, False)
-        out.append(kept.div_(k - 2 * trim))  # in place: no second output-sized buffer
+        total = torch.ones(k, dtype=r.dtype, device=r.device) @ r
+        if trim > 0:  # the total only makes NaN or ±Inf anywhere in a column show in the result
+            total = _middle_sum(r, trim).add_(total, alpha=0.0)
+        out.append(total.div_(k - 2 * trim))  # in place: no second output-sized buffer
     return out
 
 
