@@ -5,7 +5,8 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(subst =,-,$(TORCH))
-SOLVER_TESTS := tests/test_mgda.py tests/test_dual_cone.py tests/test_cagrad.py tests/test_weightings.py tests/test_stateful.py
+SOLVER_TESTS := tests/test_mgda.py tests/test_dual_cone.py tests/test_cagrad.py tests/test_weightings.py tests/test_stateful.py \
+                tests/test_precision.py tests/test_numerics.py
 
 .PHONY: install test fuzz lint demo bench clean
 

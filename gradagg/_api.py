@@ -491,10 +491,12 @@ def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any 
 def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: bool,
              group: Any = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(w in float64, the weights to combine J with, whether G was formed). The two differ where
-    cleaning G removed a null space: any w + v with Jᵀv = 0 gives the same d, and the method's own
-    w may have large components v along directions that G's noise floor cannot tell from null (the
-    singular Nash-MTL and FairGrad equations, MGDA's minimum at d = 0), which in floating point
-    would add that noise to d. The weights combined are w with those components dropped."""
+    cleaning G removed a null space and the weights come from G's off-diagonal entries
+    (``Method.project_null``): any w + v with Jᵀv = 0 gives the same d, and such a w may have
+    components v along directions that G's noise floor cannot tell from null, computed from that
+    noise (large ones: the singular Nash-MTL and FairGrad equations, MGDA's minimum at d = 0,
+    PCGrad's projections between nearly dependent gradients), which in floating point would add it
+    to d. The weights combined are w with those components dropped."""
     k, device = leaves[0].shape[0], leaves[0].device
     formed = plan.uses_gramian or normalize is not None
     gram = _checked_gramian(leaves, check_finite, group) if formed else Gram(_zero_gramian(k, device), 0.0, None, True)
@@ -502,7 +504,8 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
     if not gram.finite:
         # Non-finite input must never give a finite answer, whatever a solver did with it.
         w = w + 0.0 * torch.diagonal(gram.g).sum()
-    return w, (w if gram.proj is None else gram.proj @ w), formed
+    project = gram.proj is not None and any(step.method.project_null for step in plan.steps)
+    return w, (gram.proj @ w if project else w), formed
 
 
 # --- public API ----------------------------------------------------------------------------------

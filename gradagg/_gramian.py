@@ -67,7 +67,10 @@ def _fold(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
 
 def fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """Σ_l J_l J_lᵀ in float64, accumulated in ``dtype`` over at most ``CHUNK`` columns at a time
-    (small leaves share a chunk), each leaf first multiplied by the ``factors`` in turn."""
+    (small leaves share a chunk), each leaf first multiplied by the ``factors`` in turn. A leaf's
+    whole chunks are one batched product (a strided view, no copy) whose partials are summed in
+    float64: faster than one long product (MKL's skinny products sum nearly sequentially) and far
+    more exact."""
     with full_precision_matmul():
         total, part, width = None, None, 0
         for leaf in leaves:
@@ -75,17 +78,24 @@ def fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Te
             for factor in factors:
                 rows = rows * factor
             n = rows.shape[1]
-            if dtype == torch.float64 or n <= CHUNK:
-                part = rows @ rows.T if part is None else part.addmm_(rows, rows.T)
-                width += n
-                if width >= CHUNK and dtype != torch.float64:
-                    total, part, width = _fold(total, part), None, 0
+            whole = 0 if dtype == torch.float64 else n // CHUNK
+            if whole > 1:
+                k, (s0, s1) = rows.shape[0], rows.stride()
+                blocks = rows.as_strided((whole, k, CHUNK), (CHUNK * s1, s0, s1))
+                total = _fold(total, torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64))
+                rows = rows[:, whole * CHUNK:]
+                n = rows.shape[1]
+            if n == 0:
                 continue
-            for start in range(0, n, CHUNK):
-                block = rows[:, start:start + CHUNK]
-                total = _fold(total, block @ block.T)
+            part = rows @ rows.T if part is None else part.addmm_(rows, rows.T)
+            width += n
+            if width >= CHUNK and dtype != torch.float64:
+                total, part, width = _fold(total, part), None, 0
         if part is not None:
             total = _fold(total, part)
+    if total is None:  # no columns at all
+        k = leaves[0].shape[0]
+        total = torch.zeros(k, k, dtype=torch.float64, device=leaves[0].device)
     return total
 
 

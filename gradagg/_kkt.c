@@ -1047,8 +1047,8 @@ static int jacobi_eigh(double *a, int n, double *lam, double *v) {
     return 1;
 }
 
-/* Aligned-MTL (gradagg/_methods/aligned_mtl.py) where A = S G S is provably above the cut (a Cholesky
- * factor of A − cut·I exists; no zero rows): w = σ V Λ^(−1/2) Vᵀ p over every eigenvalue of G,
+/* Aligned-MTL (gradagg/_methods/aligned_mtl.py) where A = S G S is provably above the spectrum's cut
+ * (a Cholesky factor of A − max(cut, 1e-12 K)·I exists; no zero rows): w = σ V Λ^(−1/2) Vᵀ p over every eigenvalue of G,
  * σ² the smallest (mode 0), median (1) or mean (2). Otherwise FALLBACK: the graded factor in torch. */
 static int aligned_solve(const double *g, const double *pref, int k, int mode, double cut, double *w, Arena *ar) {
     double *a = take(ar, (size_t)k * k), *v = take(ar, (size_t)k * k), *lam = take(ar, k), *x = take(ar, k),
@@ -1060,8 +1060,10 @@ static int aligned_solve(const double *g, const double *pref, int k, int mode, d
         x[i] = 1.0 / sqrt(d);
         peak = d > peak ? d : peak;
     }
+    /* λ_max(A) ≤ K: above max(cut, 1e-12 K) every eigenvalue passes the spectrum's cut too. */
+    double shift = cut > 1e-12 * k ? cut : 1e-12 * k;
     for (int i = 0; i < k; i++)
-        for (int j = 0; j < k; j++) a[(size_t)i * k + j] = g[(size_t)i * k + j] * x[i] * x[j] - (i == j ? cut : 0.0);
+        for (int j = 0; j < k; j++) a[(size_t)i * k + j] = g[(size_t)i * k + j] * x[i] * x[j] - (i == j ? shift : 0.0);
     if (cholesky(a, k)) return FALLBACK;
     for (size_t i = 0; i < (size_t)k * k; i++) a[i] = g[i] / peak;
     if (jacobi_eigh(a, k, lam, v)) return FALLBACK;

@@ -56,6 +56,11 @@ class Method:
     transform: Callable[..., torch.Tensor] | None = None
     #: The weights depend on K alone (sum, mean): computed once per K, dtype and device.
     fixed: bool = False
+    #: The weights are computed from G's off-diagonal entries (a solver, a pseudo-inverse, a
+    #: projection): where cleaning G removed a null space, ``aggregate`` combines them without
+    #: their components along it (see ``_api._weights``). The others (a fixed vector, norms only,
+    #: Krum's selection) are combined as they are.
+    project_null: bool = False
 
     @property
     def is_weighting(self) -> bool:

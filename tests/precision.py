@@ -24,9 +24,11 @@ UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-1
 #: float32: the issue's target. bfloat16 and float16: 16 units of their own rounding, which alone
 #: moves d by a few units (the mean of K gradients already shows 1.3 u).
 BOUND = {torch.float32: 1e-4, torch.bfloat16: 16 * UNIT[torch.bfloat16], torch.float16: 16 * UNIT[torch.float16]}
-#: Nash-MTL and FairGrad where a nonnegative combination of gradients vanishes: the regularised
-#: answer's residue, ‖Δd‖ / max‖g_i‖ (see the README's "Numerics").
-DEGENERATE_ABS = {torch.float32: 1e-8, torch.bfloat16: 1e-4, torch.float16: 1e-5}
+#: Nash-MTL and FairGrad (α = 1) where a nonnegative combination of gradients vanishes: their d is
+#: scale-free (‖d‖² = K where a solution exists), and the regularised answer (ε = 1e-15) is known
+#: there only to the Newton solve's backward error (1e-14) times the diverging weights (ε^(−1/2) ≈
+#: 3e7), about 3e-7 per task (see the README's "Numerics"): ‖Δd‖ ≤ DEGENERATE_ABS √K.
+DEGENERATE_ABS = {torch.float32: 1e-6, torch.bfloat16: 1e-4, torch.float16: 1e-5}
 
 
 def error(d: torch.Tensor, ref: torch.Tensor, j64: np.ndarray) -> float:
@@ -139,7 +141,7 @@ def check_against_float64(method, out: torch.Tensor, ref: torch.Tensor, j64: np.
         # amplified by Σ|w| (measured: error ≈ 10 u Σ|w| in float32).
         bound += 16 * UNIT[dtype] * float(gradagg.weights(torch.tensor(j64), "imtl_g").abs().sum())
     if method in ("nash_mtl", "fairgrad") and degenerate_tasks(j64).any():
-        allowed = max(bound * max(float(ref.double().norm()), 1e-5 * norms.max()), DEGENERATE_ABS[dtype] * norms.max())
+        allowed = max(bound * max(float(ref.double().norm()), 1e-5 * norms.max()), DEGENERATE_ABS[dtype] * np.sqrt(k))
         assert float((out.double() - ref.double()).norm()) <= allowed, (
             f"{method} on a degenerate Jacobian: ‖Δd‖ = {float((out.double() - ref.double()).norm()):.3e} "
             f"> {allowed:.3e}")

@@ -72,5 +72,5 @@ register(Method(
                "nonnegative preference K-vector p (default: uniform 1/K)"),
         Option("scale_mode", "min", choice("min", "median", "rmse"), "how σ is taken from the eigenvalues"),
     ),
-    weighting=_aligned_mtl,
+    weighting=_aligned_mtl, project_null=True,
 ))

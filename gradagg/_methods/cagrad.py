@@ -120,5 +120,5 @@ register(Method(
         Option("c", 0.5, real_at_least(0.0), "ball radius relative to ‖g0‖, ≥ 0"),
         Option("rescale", 0, choice(0, 1, 2), "0: none; 1: divide by 1 + c²; 2: divide by 1 + c"),
     ),
-    weighting=_cagrad,
+    weighting=_cagrad, project_null=True,
 ))

@@ -48,5 +48,5 @@ def _config(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 register(Method(
     "config", "d = (Σ g_i·d̂) d̂ with d̂ ∝ U⁺1: equal cosine with every task gradient.",
     "Liu et al. 2024, 'ConFIG: towards conflict-free training of physics-informed neural networks'",
-    weighting=_config,
+    weighting=_config, project_null=True,
 ))

@@ -62,10 +62,10 @@ _PREF = Option("pref", None, k_vector(nonnegative=True, positive_sum=True),
 register(Method(
     "upgrad", "w = Σ_i argmin_{v ≥ p_i e_i} vᵀGv: each p_i g_i projected onto the dual cone, summed.",
     "Quinton & Rey 2024, 'Jacobian descent for multi-objective optimization'",
-    options=(_PREF,), weighting=_upgrad,
+    options=(_PREF,), weighting=_upgrad, project_null=True,
 ))
 register(Method(
     "dualproj", "w = argmin_{v ≥ p} vᵀGv: Jᵀp projected onto the dual cone.",
     "Quinton & Rey 2024, 'Jacobian descent for multi-objective optimization'",
-    options=(_PREF,), weighting=_dualproj,
+    options=(_PREF,), weighting=_dualproj, project_null=True,
 ))

@@ -34,14 +34,22 @@ def gradvac_matrix(g: torch.Tensor, target: torch.Tensor, decay: float, generato
         j = order[:, t]
         cg = c @ g
         dot = cg.gather(1, j.unsqueeze(1)).squeeze(1)
-        ni = (cg * c).sum(1).clamp_min(0).sqrt()
+        ni_sq = (cg * c).sum(1).clamp_min(0)
+        ni = ni_sq.sqrt()
         nj = norms[j]
         valid = (ni > 0) & (nj > 0)
         phi = torch.where(valid, dot / torch.where(valid, ni * nj, 1.0), 0.0).clamp(-1.0, 1.0)
         goal = target[rows, j]
         root = (1.0 - goal * goal).clamp_min(0).sqrt()
-        adjust = valid & (phi < goal) & (root > 0)
-        step = ni * (goal * (1.0 - phi * phi).clamp_min(0).sqrt() - phi * root) / torch.where(adjust, nj * root, 1.0)
+        # Not gated on ‖g_i'‖ > 0: a row that nearly cancelled has a norm known only to G's rounding,
+        # and the correction below is continuous in it (PCGrad's where φ̂ = 0).
+        adjust = (nj > 0) & (dot < goal * ni * nj) & (root > 0)
+        # ‖g_i'‖(φ̂ √(1−φ²) − φ √(1−φ̂²)) / (‖g_j‖ √(1−φ̂²)), written so that ‖g_i'‖ cancels from the
+        # PCGrad part −g_i'·g_j/‖g_j‖² (it is known only to G's rounding where g_i' nearly cancelled)
+        # and enters only through ‖g_i'‖‖g_j‖ sin, times φ̂.
+        nj_sq = torch.where(adjust, nj * nj, 1.0)
+        sine = (ni_sq * nj * nj - dot * dot).clamp_min(0).sqrt()
+        step = goal * sine / (nj_sq * torch.where(adjust, root, 1.0)) - dot / nj_sq
         coef = torch.where(adjust, step, 0.0)
         c = c + coef.unsqueeze(1) * torch.nn.functional.one_hot(j, k).to(g.dtype)
         target = target.index_put((rows, j), torch.where(valid, (1.0 - decay) * goal + decay * phi, goal))
@@ -65,5 +73,5 @@ register(Method(
     "Wang et al. 2021, 'Gradient vaccine: investigating and improving multi-task optimization in massively "
     "multilingual models'",
     options=(Option("decay", 0.01, real_in(0.0, 1.0), "EMA rate β of the target cosines, in [0, 1]"),),
-    weighting=_gradvac, transform=_transform, random=True, state_class=GradVacState,
+    weighting=_gradvac, transform=_transform, random=True, state_class=GradVacState, project_null=True,
 ))

@@ -55,5 +55,5 @@ def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 register(Method(
     "imtl_g", "w ∝ G⁺ √diag G with Σw = 1: equal projection of d on every unit task gradient.",
     "Liu et al. 2021, 'Towards impartial multi-task learning'",
-    aliases=("imtlg",), weighting=_imtl_g,
+    aliases=("imtlg",), weighting=_imtl_g, project_null=True,
 ))

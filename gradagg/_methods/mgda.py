@@ -52,5 +52,5 @@ def _mgda(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 register(Method(
     "mgda", "w = argmin over the simplex of wᵀGw: the min-norm point of the hull of the gradients.",
     "Désidéri 2012; Sener & Koltun 2018, 'Multi-task learning as multi-objective optimization'",
-    aliases=("mgda_ub",), weighting=_mgda,
+    aliases=("mgda_ub",), weighting=_mgda, project_null=True,
 ))

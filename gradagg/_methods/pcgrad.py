@@ -75,5 +75,5 @@ def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 register(Method(
     "pcgrad", "Project each gradient off the others it conflicts with (random order), then sum.",
     "Yu et al. 2020, 'Gradient surgery for multi-task learning'",
-    weighting=_pcgrad, transform=_transform, random=True,
+    weighting=_pcgrad, transform=_transform, random=True, project_null=True,
 ))

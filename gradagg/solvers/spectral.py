@@ -97,20 +97,26 @@ def denoise(g: torch.Tensor, cut: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(G_c, P): G with the eigenvalues of A = S G S at or below ``cut`` set to 0, and the projector
     that reduces weights to the range of G_c.
 
-    With A = V Λ Vᵀ, A_c keeps the eigenpairs above the cut and G_c = N A_c N (N = diag ‖g_i‖). A
-    is denoised rather than G so that the cut is relative to each task's own scale: tasks whose
-    norms differ by 10¹² keep their directions. This also makes G_c positive semidefinite.
+    With A = V Λ Vᵀ, A_c = A − Σ_{λ ≤ cut} λ v vᵀ (the eigenpairs above the cut are kept) and
+    G_c = N A_c N (N = diag ‖g_i‖). A is denoised rather than G so that the cut is relative to each
+    task's own scale: tasks whose norms differ by 10¹² keep their directions. This also makes G_c
+    positive semidefinite.
 
     The directions removed are combinations v of the gradients with ‖Jᵀv‖² below the floor: in
     exact arithmetic they add nothing to d = Jᵀw, but a weight vector with large components along
     them (the singular Nash-MTL and FairGrad equations, MGDA's minimum at d = 0) would turn the
-    Gramian's noise into a wrong d. P = S V_r V_rᵀ S⁻¹ drops those components (zero rows keep
-    their weights, which multiply a zero gradient).
+    Gramian's noise into a wrong d. P = I − S V_0 V_0ᵀ S⁻¹ (V_0: the dropped eigenvectors, which
+    on the nonzero rows complete the kept ones) drops those components; zero rows keep their
+    weights, which multiply a zero gradient.
     """
     n, s, pos = norms(g)
     lam, vec = finite_eigh(g * s.unsqueeze(-1) * s.unsqueeze(-2))
-    keep = (lam > cut).to(g.dtype)
-    a = (vec * (lam * keep)) @ vec.mT
-    kept = vec * keep
-    proj = s.unsqueeze(-1) * (kept @ kept.mT) * n.unsqueeze(-2) + torch.diag((~pos).to(g.dtype))
-    return a * n.unsqueeze(-1) * n.unsqueeze(-2) + 0.0 * g, proj  # (0·G keeps NaN input visible)
+    drop = (lam <= cut).to(g.dtype)
+    # A_c = A − Σ_dropped λ v vᵀ: G changes by no more than the floor, and keeps its exact relations
+    # elsewhere (rebuilding it from the kept eigenpairs would round every entry).
+    removed = (vec * (lam * drop)) @ vec.mT
+    dropped = vec * drop
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    proj = eye - s.unsqueeze(-1) * (dropped @ dropped.mT) * n.unsqueeze(-2)
+    proj = torch.where(pos.unsqueeze(-1) & pos.unsqueeze(-2), proj, torch.diag((~pos).to(g.dtype)))
+    return g - removed * n.unsqueeze(-1) * n.unsqueeze(-2), proj
