@@ -460,7 +460,7 @@ def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool, group: A
     for free (else None)."""
     detached = [leaf.detach() for leaf in leaves]
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
-    noise = noise_of(detached)
+    noise = noise_of(detached, sharded=group is not None)
     rescue = check_finite or detached[0].device.type == "cpu"
     if group is None:
         if native.on_host(detached[0]):

@@ -48,11 +48,13 @@ def accumulation_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def noise_of(leaves: list[torch.Tensor]) -> float:
-    """δ for the Gramian of these leaves (``_numerics.gramian_noise``)."""
+def noise_of(leaves: list[torch.Tensor], sharded: bool = False) -> float:
+    """δ for the Gramian of these leaves (``_numerics.gramian_noise``). For a Gramian summed over the
+    shards of a process group (``sharded``), that of the longest sums any rank makes (2 CHUNK
+    columns), so that every rank takes the same rank decisions whatever its shard's width."""
     dtypes = [leaf.dtype for leaf in leaves]
     k = leaves[0].shape[0]
-    width = sum(leaf.numel() for leaf in leaves) // max(k, 1)
+    width = 2 * CHUNK if sharded else sum(leaf.numel() for leaf in leaves) // max(k, 1)
     return gramian_noise(accumulation_dtype(dtypes), dtypes, width)
 
 

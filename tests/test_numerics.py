@@ -137,3 +137,14 @@ def test_pcgrad_without_conflicts_is_the_sum_on_low_rank(native_path):
     with native.disabled() if not native_path else torch.no_grad():
         d = gradagg.aggregate(j, "pcgrad", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(d.double(), j.double().sum(0), rtol=1e-6, atol=0)
+
+
+def test_every_rank_of_a_group_takes_the_floor_of_the_widest_shard():
+    """With ``group=`` each rank holds its own columns; the floor must not depend on their number, or
+    ranks with different shard widths would cut the all-reduced Gramian at different places."""
+    from gradagg._gramian import noise_of
+
+    narrow, wide = [torch.zeros(4, 3)], [torch.zeros(4, 5000), torch.zeros(4, 7)]
+    assert noise_of(narrow, sharded=True) == noise_of(wide, sharded=True) == gradagg.gramian_noise(
+        torch.zeros(4, 2**15))
+    assert noise_of(narrow) < noise_of(wide)
