@@ -17,11 +17,12 @@ hair indefinite. With it comes the projector onto the range of G that the weight
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
-from ._numerics import CHUNK, eigen_cut, full_precision_matmul, gramian_noise
+from ._numerics import CHUNK, FOLD, eigen_cut, full_precision_matmul, gramian_noise
 from .solvers import native
 from .solvers._loop import can_stop_early, opaque
 from .solvers.spectral import denoise, well_above
@@ -52,10 +53,23 @@ def noise_of(leaves: list[torch.Tensor], sharded: bool = False) -> float:
     """δ for the Gramian of these leaves (``_numerics.gramian_noise``). For a Gramian summed over the
     shards of a process group (``sharded``), that of the longest sums any rank makes (2 CHUNK
     columns), so that every rank takes the same rank decisions whatever its shard's width."""
-    dtypes = [leaf.dtype for leaf in leaves]
-    k = leaves[0].shape[0]
-    width = 2 * CHUNK if sharded else sum(leaf.numel() for leaf in leaves) // max(k, 1)
+    if len(leaves) == 1:  # the common case, without the lists
+        leaf = leaves[0]
+        width = 2 * CHUNK if sharded else leaf.numel() // max(leaf.shape[0], 1)
+        return _noise(leaf.dtype, width)
+    dtypes = list({leaf.dtype for leaf in leaves})
+    k = max(leaves[0].shape[0], 1)
+    width = 2 * CHUNK if sharded else 0
+    for leaf in leaves:  # δ only grows with D up to 2 CHUNK columns
+        if width >= 2 * CHUNK:
+            break
+        width += leaf.numel() // k
     return gramian_noise(accumulation_dtype(dtypes), dtypes, width)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise(dtype: torch.dtype, width: int) -> float:
+    return gramian_noise(accumulation_dtype([dtype]), [dtype], width)
 
 
 def _as_rows(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,37 +82,40 @@ def _fold(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
 
 
 def fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    """Σ_l J_l J_lᵀ in float64, accumulated in ``dtype`` over at most ``CHUNK`` columns at a time
-    (small leaves share a chunk), each leaf first multiplied by the ``factors`` in turn. A leaf's
-    whole chunks are one batched product (a strided view, no copy) whose partials are summed in
-    float64: faster than one long product (MKL's skinny products sum nearly sequentially) and far
-    more exact."""
-    with full_precision_matmul():
-        total, part, width = None, None, 0
-        for leaf in leaves:
-            rows = _as_rows(leaf, dtype)
-            for factor in factors:
-                rows = rows * factor
+    """Σ_l J_l J_lᵀ accumulated in ``dtype`` by products over less than 2 ``CHUNK`` columns, at most
+    ``FOLD`` columns of which are added in ``dtype`` before the partial goes into a float64 total,
+    each leaf first multiplied by the ``factors`` in turn. A leaf's whole chunks are one batched
+    product (a strided view, no copy): faster than one long product (MKL's skinny products sum
+    nearly sequentially) and far more exact. Returns float64, or, where everything fitted in one
+    partial, that partial in ``dtype`` (the caller converts it)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        with full_precision_matmul():
+            return fast(leaves, dtype, factors)
+    total, part, width = None, None, 0
+    for leaf in leaves:
+        rows = _as_rows(leaf, dtype)
+        for factor in factors:
+            rows = rows * factor
+        n = rows.shape[1]
+        whole = n // CHUNK if n >= 2 * CHUNK and dtype != torch.float64 else 0
+        if whole:
+            k, (s0, s1) = rows.shape[0], rows.stride()
+            blocks = rows.as_strided((whole, k, CHUNK), (CHUNK * s1, s0, s1))
+            total = _fold(total, torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64))
+            rows = rows[:, whole * CHUNK:]
             n = rows.shape[1]
-            whole = 0 if dtype == torch.float64 else n // CHUNK
-            if whole > 1:
-                k, (s0, s1) = rows.shape[0], rows.stride()
-                blocks = rows.as_strided((whole, k, CHUNK), (CHUNK * s1, s0, s1))
-                total = _fold(total, torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64))
-                rows = rows[:, whole * CHUNK:]
-                n = rows.shape[1]
-            if n == 0:
-                continue
-            part = rows @ rows.T if part is None else part.addmm_(rows, rows.T)
-            width += n
-            if width >= CHUNK and dtype != torch.float64:
-                total, part, width = _fold(total, part), None, 0
+        if n == 0:
+            continue
+        part = rows @ rows.T if part is None else part.addmm_(rows, rows.T)
+        width += n
+        if width >= FOLD and dtype != torch.float64:  # (a few products summed in float32, then float64)
+            total, part, width = _fold(total, part), None, 0
+    if total is None:
         if part is not None:
-            total = _fold(total, part)
-    if total is None:  # no columns at all
-        k = leaves[0].shape[0]
-        total = torch.zeros(k, k, dtype=torch.float64, device=leaves[0].device)
-    return total
+            return part
+        k = leaves[0].shape[0]  # no columns at all
+        return torch.zeros(k, k, dtype=torch.float64, device=leaves[0].device)
+    return total if part is None else _fold(total, part)
 
 
 def rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -108,7 +125,7 @@ def rescaled(leaves: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     # 2^-e may not be representable in float32 (e down to -149), its two halves are.
     half = torch.exp2(-torch.floor(exponent / 2)).to(dtype)
     rest = torch.exp2(-exponent + torch.floor(exponent / 2)).to(dtype)
-    return fast(leaves, dtype, (half, rest)) * torch.exp2(2.0 * exponent)
+    return fast(leaves, dtype, (half, rest)).to(torch.float64) * torch.exp2(2.0 * exponent)
 
 
 def needs_rescale(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -125,7 +142,7 @@ def needs_rescale(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
     """float64 K x K Gramian. With ``rescue``, reads one flag and recomputes when it overflowed."""
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
-    g = fast(leaves, dtype)
+    g = fast(leaves, dtype).to(torch.float64)
     if rescue and bool(needs_rescale(g, dtype)):
         return rescaled(leaves, dtype)
     return g
@@ -142,10 +159,15 @@ def clean(g: torch.Tensor, noise: float, checked: bool = False) -> tuple[torch.T
     return denoise(g, cut)
 
 
+@functools.lru_cache(maxsize=256)
+def _cut(noise: float, k: int) -> float:
+    return eigen_cut(noise, k)
+
+
 def host_gramian(leaves: list[torch.Tensor], dtype: torch.dtype, noise: float) -> Gram:
     """The clean Gramian of CPU leaves, with one call into C to symmetrise and test it (finite,
     overflow, λ_min(A) above the cut)."""
-    g, flags = native.prepare(fast(leaves, dtype), eigen_cut(noise, leaves[0].shape[0]), _TINY[dtype])
+    g, flags = native.prepare(fast(leaves, dtype), _cut(noise, leaves[0].shape[0]), _TINY[dtype])
     if flags & native.RESCUE:
         g, proj = clean(rescaled(leaves, dtype), noise)
         return Gram(g, noise, proj, None)

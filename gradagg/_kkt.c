@@ -768,33 +768,35 @@ static PyObject *py_nash(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return run_weighting(args, nargs, 6, 3, w_nash, "nash");
 }
 
-/* prepare(raw, k, out, shift, tiny) -> flags. out = ½(G + Gᵀ) from the accumulated float64 Gramian
- * raw; flags: 1 the diagonal shows overflow or underflow (a non-finite entry or one below tiny;
+/* prepare(raw, is_float32, k, out, shift, tiny) -> flags. out = ½(G + Gᵀ) in double from the
+ * accumulated Gramian raw (float32 or float64); flags: 1 the diagonal shows overflow or underflow (a non-finite entry or one below tiny;
  * gradagg/_gramian.py, needs_rescale), 2 an entry is not finite, 4 (when shift ≥ 0) the
  * unit-diagonal scaling minus shift·I has no Cholesky factor, i.e. an eigenvalue of A = S G S lies
  * at or below the noise floor's cut (gradagg/solvers/spectral.py, well_above; zero rows, which are
  * exact, get a unit pivot). */
 static PyObject *py_prepare(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "prepare takes 5 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "prepare takes 6 arguments");
         return NULL;
     }
-    const double *raw = PyLong_AsVoidPtr(args[0]);
+    const void *raw = PyLong_AsVoidPtr(args[0]);
     if (PyErr_Occurred()) return NULL;
-    long k = PyLong_AsLong(args[1]);
+    long f32 = PyLong_AsLong(args[1]), k = PyLong_AsLong(args[2]);
     if (PyErr_Occurred()) return NULL;
-    double *out = PyLong_AsVoidPtr(args[2]);
+    double *out = PyLong_AsVoidPtr(args[3]);
     if (PyErr_Occurred()) return NULL;
-    double shift = PyFloat_AsDouble(args[3]), tiny = PyFloat_AsDouble(args[4]);
+    double shift = PyFloat_AsDouble(args[4]), tiny = PyFloat_AsDouble(args[5]);
     if (PyErr_Occurred()) return NULL;
     size_t n = (size_t)k;
+#define RAW(i, j) (f32 ? (double)((const float *)raw)[(i) * n + (j)] : ((const double *)raw)[(i) * n + (j)])
     for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < n; j++) out[i * n + j] = 0.5 * (raw[i * n + j] + raw[j * n + i]);
+        for (size_t j = 0; j < n; j++) out[i * n + j] = 0.5 * (RAW(i, j) + RAW(j, i));
     long flags = 0;
     for (size_t i = 0; i < n; i++) {
-        double d = raw[i * n + i];
+        double d = RAW(i, i);
         if (!isfinite(d) || d < tiny) flags |= 1;
     }
+#undef RAW
     if (!all_finite(out, (Py_ssize_t)(n * n))) flags |= 2;
     if (shift >= 0.0 && !(flags & 2) && n > 0) {
         double *m = malloc(sizeof(double) * n * n), *s = malloc(sizeof(double) * n);

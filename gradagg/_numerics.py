@@ -5,16 +5,19 @@ PSD repair, the null space removed from singular Gramians, the tests for rows th
 cancelled, and the tests for "no direction exists") is taken against this floor, never against a
 float64 constant. The rule, stated once:
 
-* G is formed as Σ_l J_l J_lᵀ in the accumulation dtype (float32 unless a leaf is float64), over
-  chunks of at most ``CHUNK`` columns whose partial Gramians are added in float64. Each entry then
-  carries an error of at most ``δ ‖g_i‖ ‖g_j‖``, with
+* G is formed as Σ_l J_l J_lᵀ in the accumulation dtype (float32 unless a leaf is float64), by
+  products over less than 2 ``CHUNK`` columns, at most ``FOLD`` columns of which (32 products or
+  fewer, whose additions round independently: a few u in all) are added in that dtype before going
+  into a float64 total. Each entry then carries an
+  error of at most ``δ ‖g_i‖ ‖g_j‖``, with
 
       δ = u_acc (8 + √L / 2) + 2 u_in²,     L = min(D, 2 CHUNK),
 
   where u_acc is the unit roundoff of the accumulation (2⁻²⁴ for float32, 2⁻⁵³ for float64), L
-  the longest sum made in it, and u_in that of a narrower input dtype (2⁻⁸ for bfloat16, 2⁻¹¹ for
-  float16; the term is the square of the input's own rounding, the size of the null-space
-  eigenvalues that rounding a low-rank Jacobian to that dtype creates). The constants bound what
+  the longest product made in it (the additions of products fit in the constant), and u_in
+  that of a narrower input dtype (2⁻⁸ for bfloat16, 2⁻¹¹ for float16; the term is the square of the
+  input's own rounding, the size of the null-space eigenvalues that rounding a low-rank Jacobian
+  to that dtype creates). The constants bound what
   BLAS's blocked sums make on this range of L with a margin (measured on MKL, the largest entry
   error over K = 2..64: 9 u_acc for L ≤ 10³, 12 u_acc for L = 10⁴, 4 u_acc over contiguous chunks
   of 2¹⁴ and 50 u_acc over transposed or expanded ones; a single product over D = 10⁶ columns made
@@ -38,8 +41,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-#: Columns per float32 partial Gramian; partials are added in float64 (see ``gramian_noise``).
+#: Columns per float32 product: a leaf's whole chunks are one batched product whose partials are
+#: added in float64; smaller leaves and remainders (< 2 CHUNK columns each) are added in float32
+#: until FOLD columns, then into the float64 total (see ``gramian_noise``).
 CHUNK = 1 << 14
+FOLD = 32 * CHUNK
 
 _ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 

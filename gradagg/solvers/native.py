@@ -150,13 +150,14 @@ RESCUE, NONFINITE, INDEFINITE = 1, 2, 4
 
 
 def prepare(raw: torch.Tensor, shift: float, tiny: float) -> tuple[torch.Tensor, int]:
-    """(½(G + Gᵀ), flags) from the accumulated float64 Gramian: RESCUE where its diagonal shows
-    overflow or underflow (an entry below ``tiny``), NONFINITE, and (for ``shift`` ≥ 0) INDEFINITE
-    where some eigenvalue of A = S G S is at or below ``shift`` (``spectral.well_above`` fails)."""
+    """(½(G + Gᵀ) in float64, flags) from the accumulated float32 or float64 Gramian: RESCUE where its
+    diagonal shows overflow or underflow (an entry below ``tiny``), NONFINITE, and (for ``shift`` ≥ 0)
+    INDEFINITE where some eigenvalue of A = S G S is at or below ``shift`` (``spectral.well_above``
+    fails)."""
     raw = raw.contiguous()
     k = raw.shape[-1]
     g = torch.empty((k, k), dtype=torch.float64)
-    flags = _kkt.prepare(raw.data_ptr(), k, g.data_ptr(), float(shift), float(tiny))
+    flags = _kkt.prepare(raw.data_ptr(), int(raw.dtype == torch.float32), k, g.data_ptr(), float(shift), float(tiny))
     return g, flags
 
 
