@@ -29,8 +29,6 @@ from ._gramian import (
 from ._numerics import default_noise, eigen_cut
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
 from .solvers import native
-from .solvers._loop import can_stop_early
-from .solvers.spectral import denoise, well_above
 from .state import State
 
 Normalize = Literal["sum"] | None
@@ -434,10 +432,7 @@ def _transformed_gramian(g: torch.Tensor, c: torch.Tensor, root: torch.Tensor,
     cut = eigen_cut(noise, g.shape[-1])
     alive = torch.diagonal(g) > max(1e-13, cut) * scale
     keep = alive.to(g.dtype)
-    g = g * keep.unsqueeze(0) * keep.unsqueeze(1)
-    if not (can_stop_early(g) and well_above(g, cut)):
-        g = denoise(g, cut)[0]
-    return g, c * keep.unsqueeze(1)
+    return clean(g * keep.unsqueeze(0) * keep.unsqueeze(1), noise)[0], c * keep.unsqueeze(1)
 
 
 def _weights_from_g(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tensor:
@@ -654,7 +649,7 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
 
     ``noise`` is δ, the rounding of each entry G_ij relative to ‖g_i‖‖g_j‖, from which every rank
     decision is taken (see "Numerics" in the README). By default it is that of a Gramian
-    accumulated in G's dtype over 2¹⁷ columns (float32 for float32, bfloat16 and float16 G). For a
+    accumulated in G's dtype over 2¹⁵ columns (float32 for float32, bfloat16 and float16 G). For a
     float64 G that was accumulated in float32 elsewhere, pass ``gradagg.gramian_noise(jac)`` or
     your own bound; ``gradagg.gramian`` already removes the null space its floor cannot resolve.
     """
@@ -681,11 +676,11 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
 def gramian(jac: Any, *, check_finite: bool = True, group: Any = None) -> torch.Tensor:
     """The K x K Gramian G = J Jᵀ = Σ_leaves J_l J_lᵀ, in float64 on jac's device.
 
-    Accumulated leaf by leaf (no K x D copy) in float32 (float64 for float64 input) over chunks of
-    2¹⁶ columns added in float64, and formed again with exact power-of-two scaling when squares
-    would overflow or underflow float32. For float32, bfloat16 and float16 input, the eigenvalues of
-    S G S (S = diag(1/‖g_i‖)) within the accumulation's noise floor are set to 0 (see
-    ``gramian_noise``), which leaves G positive semidefinite with the null space the data determines.
+    Accumulated leaf by leaf (no K x D copy) in float32 (float64 for float64 input) by products over
+    chunks of 2¹⁴ columns added in float64, and formed again with exact power-of-two scaling when
+    squares would overflow or underflow float32. The eigenvalues of S G S (S = diag(1/‖g_i‖)) within
+    the accumulation's noise floor are then removed (see ``gramian_noise``), which leaves G positive
+    semidefinite with the null space the data determines.
     """
     leaves, _, _ = _flatten(jac)
     return _checked_gramian(leaves, check_finite, distributed.check_group(group)).g

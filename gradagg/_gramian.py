@@ -159,15 +159,10 @@ def clean(g: torch.Tensor, noise: float, checked: bool = False) -> tuple[torch.T
     return denoise(g, cut)
 
 
-@functools.lru_cache(maxsize=256)
-def _cut(noise: float, k: int) -> float:
-    return eigen_cut(noise, k)
-
-
 def host_gramian(leaves: list[torch.Tensor], dtype: torch.dtype, noise: float) -> Gram:
     """The clean Gramian of CPU leaves, with one call into C to symmetrise and test it (finite,
     overflow, λ_min(A) above the cut)."""
-    g, flags = native.prepare(fast(leaves, dtype), _cut(noise, leaves[0].shape[0]), _TINY[dtype])
+    g, flags = native.prepare(fast(leaves, dtype), eigen_cut(noise, leaves[0].shape[0]), _TINY[dtype])
     if flags & native.RESCUE:
         g, proj = clean(rescaled(leaves, dtype), noise)
         return Gram(g, noise, proj, None)

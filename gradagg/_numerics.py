@@ -50,11 +50,6 @@ FOLD = 32 * CHUNK
 _ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Half the distance from 1 to the next number of ``dtype`` (2⁻²⁴ for float32)."""
-    return _ROUNDOFF[dtype]
-
-
 def gramian_noise(accumulation: torch.dtype, inputs: Sequence[torch.dtype], length: int) -> float:
     """δ: the error of each entry of G relative to ‖g_i‖ ‖g_j‖ (see the module docstring), for a
     Gramian accumulated in ``accumulation`` over ``length`` = D columns of leaves of ``inputs`` dtypes."""
@@ -67,15 +62,15 @@ def gramian_noise(accumulation: torch.dtype, inputs: Sequence[torch.dtype], leng
     return delta
 
 
-#: δ of a float64 Gramian over one chunk: the default where nothing else is known.
-FLOAT64_NOISE = gramian_noise(torch.float64, [torch.float64], 2 * CHUNK)
-
-
 def default_noise(dtype: torch.dtype) -> float:
     """δ for a Gramian given without its history (``weights_from_gramian``): formed in ``dtype``
-    over one full chunk of columns, the most that gradagg's own accumulation sums at once."""
+    over 2 CHUNK columns, the longest product that gradagg's own accumulation makes."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return gramian_noise(acc, [dtype], 2 * CHUNK)
+
+
+#: δ of a float64 Gramian: the default where nothing else is known.
+FLOAT64_NOISE = default_noise(torch.float64)
 
 
 def eigen_cut(noise: float, k: int) -> float:
@@ -86,11 +81,9 @@ def eigen_cut(noise: float, k: int) -> float:
 @contextlib.contextmanager
 def full_precision_matmul() -> Iterator[None]:
     """float32 products in full IEEE precision inside the block: a user's TF32 (CUDA) or bfloat16
-    (oneDNN) setting for float32 matmuls would otherwise raise G's rounding by three orders."""
+    (oneDNN) setting for float32 matmuls would otherwise raise G's rounding by three orders. The
+    setting is restored after."""
     before = torch.get_float32_matmul_precision()
-    if before == "highest":
-        yield
-        return
     torch.set_float32_matmul_precision("highest")
     try:
         yield
