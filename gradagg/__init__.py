@@ -18,6 +18,7 @@ from ._api import (
                    weights_from_gramian,
 )
 from ._config import Config, from_config
+from ._device import get_solver, set_solver, use_solver
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
 from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
@@ -40,6 +41,7 @@ __all__ = [
     "autograd_jacobian",
     "backward",
     "from_config",
+    "get_solver",
     "gramian",
     "gramian_noise",
     "init",
@@ -47,8 +49,10 @@ __all__ = [
     "methods",
     "model_jacobian",
     "set_grad",
+    "set_solver",
     "stack_gradients",
     "task_jacobian",
+    "use_solver",
     "weights",
     "weights_from_gramian",
 ]

@@ -8,23 +8,29 @@ detached weights.
 
 from __future__ import annotations
 
+import copy as _copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _methods, distributed  # noqa: F401  (_methods registers every method)
+from . import _device, _methods, distributed  # noqa: F401  (_methods registers every method)
 from ._gramian import (
     Gram,
     accumulation_dtype,
     clean,
     clean_gramian,
     clean_gramian_op,
+    fast,
     gramian_of_leaves,
     host_gramian,
     noise_of,
+    prepared,
+    rescaled,
+    triton_gramian,
 )
 from ._numerics import default_noise, eigen_cut
 from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
@@ -384,8 +390,17 @@ def _raise_non_finite(leaves: list[torch.Tensor], group: Any = None) -> None:
                              "shard is finite); pass check_finite=False to skip this check")
 
 
-def _eager_checks(check_finite: bool) -> bool:
-    return check_finite and not torch.compiler.is_compiling()
+CheckFinite = bool | None
+
+
+def _eager_checks(check_finite: CheckFinite, t: torch.Tensor, free: bool = False) -> bool:
+    """Whether to read the finite flag: always with True, never with False or while compiling;
+    with None (the default) where reading it is free: CPU tensors, and accelerator calls whose
+    K x K stage goes to the host anyway (``free``). On the Triton route the default reads nothing
+    and non-finite input gives NaN."""
+    if check_finite is False or torch.compiler.is_compiling():
+        return False
+    return check_finite is True or free or _device.placement(t) == "cpu"
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -450,16 +465,21 @@ def _weights_from_g(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tens
     return w
 
 
-def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> Gram:
+def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: CheckFinite, group: Any = None) -> Gram:
     """The clean Gramian, its floor and range projector, and whether G is finite where that came
     for free (else None)."""
     detached = [leaf.detach() for leaf in leaves]
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     noise = noise_of(detached, sharded=group is not None)
-    rescue = check_finite or detached[0].device.type == "cpu"
+    rescue = bool(check_finite) or detached[0].device.type == "cpu"
     if group is None:
-        if native.on_host(detached[0]):
+        if native.on_host(detached[0]) and not _device.on_triton(detached[0]):
             return host_gramian(detached, dtype, noise)
+        if _device.on_triton(detached[0]):
+            return triton_gramian(detached, dtype, noise, _eager_checks(check_finite, detached[0]))
+        if _host_route(detached[0]):
+            g, proj = _host_stage(detached, None, check_finite, lambda plan, gram: [gram.g, _projector(gram)])
+            return Gram(g, noise, proj, True if _eager_checks(check_finite, g, free=True) else None)
         if torch.compiler.is_compiling():
             g, proj = clean_gramian_op(detached, rescue, noise)
             return Gram(g, noise, proj)
@@ -470,10 +490,10 @@ def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: bool, group: A
     return Gram(g, noise, proj)
 
 
-def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any = None) -> Gram:
+def _checked_gramian(leaves: list[torch.Tensor], check_finite: CheckFinite, group: Any = None) -> Gram:
     gram = _gramian_and_finite(leaves, check_finite, group)
     # After the all-reduce every rank sees the same G, so every rank raises or none does.
-    if _eager_checks(check_finite):
+    if _eager_checks(check_finite, leaves[0], gram.finite is not None):
         finite = gram.finite
         if finite is None:
             finite = bool(torch.isfinite(torch.diagonal(gram.g)).all())
@@ -483,7 +503,7 @@ def _checked_gramian(leaves: list[torch.Tensor], check_finite: bool, group: Any 
     return gram
 
 
-def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: bool,
+def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: CheckFinite,
              group: Any = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(w in float64, the weights to combine J with, whether G was formed). The two differ where
     cleaning G removed a null space and the weights come from G's off-diagonal entries
@@ -494,13 +514,100 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
     to d. The weights combined are w with those components dropped."""
     k, device = leaves[0].shape[0], leaves[0].device
     formed = plan.uses_gramian or normalize is not None
+    if formed and group is None and _host_route(leaves[0]):
+        w, combined = _host_stage(leaves, plan, check_finite, lambda p, gram: _weights_on(p, gram, normalize))
+        return w, combined, True
     gram = _checked_gramian(leaves, check_finite, group) if formed else Gram(_zero_gramian(k, device), 0.0, None, True)
+    return (*_weights_on(plan, gram, normalize), formed)
+
+
+def _weights_on(plan: _Plan, gram: Gram, normalize: Normalize) -> list[torch.Tensor]:
+    """[w, the weights to combine J with] from the clean Gramian (see ``_weights``)."""
     w = _weights_from_g(plan, gram, normalize)
     if not gram.finite:
         # Non-finite input must never give a finite answer, whatever a solver did with it.
         w = w + 0.0 * torch.diagonal(gram.g).sum()
     project = gram.proj is not None and any(step.method.project_null for step in plan.steps)
-    return w, (gram.proj @ w if project else w), formed
+    return [w, (gram.proj @ w if project else w)]
+
+
+def _projector(gram: Gram) -> torch.Tensor:
+    k = gram.g.shape[-1]
+    return torch.eye(k, dtype=gram.g.dtype, device=gram.g.device) if gram.proj is None else gram.proj
+
+
+# --- the host route: the K x K stage of an accelerator call in C, one device-to-host copy ----------
+
+
+def _host_route(t: torch.Tensor) -> bool:
+    """Whether an eager call runs its K x K stage on the host route (``_device.placement``)."""
+    return not torch.compiler.is_compiling() and _device.placement(t) == "host"
+
+
+def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: CheckFinite,
+                compute: Callable[[_Plan | None, Gram], list[torch.Tensor]],
+                given: tuple[torch.Tensor, float] | None = None) -> list[torch.Tensor]:
+    """Runs ``compute(plan, gram)`` on the host and returns its tensors on the leaves' device.
+
+    The raw Gramian is formed on the device, then copied to the host in one transfer together with
+    everything else the K x K stage reads: the losses, the tensors of every state, and a seed drawn
+    from the call's generator for the random methods (whose draws then come from a CPU generator
+    seeded with it, so that a seeded device generator still gives reproducible results). That copy
+    is the call's one synchronisation (a second one only where the Gramian must be formed again,
+    rescaled, because its float32 accumulation overflowed). The C solvers then run as on the CPU,
+    the states are written back, and the results return in one more transfer. ``given`` is a
+    (Gramian, noise) pair to use instead of the leaves' (``leaves`` is then [that Gramian]).
+    """
+    detached = [leaf.detach() for leaf in leaves]
+    device = detached[0].device
+    if given is None:
+        dtype = accumulation_dtype([leaf.dtype for leaf in detached])
+        noise = noise_of(detached)
+        raw = fast(detached, dtype)
+    else:
+        (raw, noise), dtype = given, torch.float64
+    extras: list[torch.Tensor] = []
+    stateful = [] if plan is None else [step for step in plan.steps if step.state is not None]
+    if plan is not None and plan.losses is not None:
+        extras.append(plan.losses)
+    for step in stateful:
+        extras.extend(getattr(step.state, name) for name in step.state.fields)
+    seeded = plan is not None and any(step.method.random for step in plan.steps) and (
+        plan.generator is None or plan.generator.device.type != "cpu")
+    if seeded:  # an integer below 2^52 travels exactly as a float64
+        extras.append(torch.randint(0, 2**52, (1,), generator=plan.generator, device=device))
+    parts = [raw.reshape(-1).to(torch.float64)] + [e.reshape(-1).to(torch.float64) for e in extras]
+    host = (torch.cat(parts) if extras else parts[0]).to("cpu").split([p.numel() for p in parts])
+    raw_h, rest = host[0].view(raw.shape), list(host[1:])
+    if plan is not None:
+        losses = rest.pop(0).to(plan.losses.dtype) if plan.losses is not None else None
+        states = {}
+        for step in stateful:
+            copy = _copy.copy(step.state)
+            copy._device = torch.device("cpu")
+            for name in step.state.fields:
+                value = getattr(step.state, name)
+                setattr(copy, name, rest.pop(0).view(value.shape).to(value.dtype))
+            states[id(step)] = copy
+        generator = torch.Generator().manual_seed(int(rest.pop(0))) if seeded else plan.generator
+        plan = dataclasses.replace(plan, steps=[_Step(s.method, s.options, states.get(id(s))) for s in plan.steps],
+                                   losses=losses, generator=generator)
+    gram = prepared(raw_h, dtype, noise, None if given else lambda: rescaled(detached, dtype).to("cpu"))
+    if _eager_checks(check_finite, detached[0], free=True):
+        if gram.finite is None:
+            gram = gram._replace(finite=bool(torch.isfinite(torch.diagonal(gram.g)).all()))
+        if not gram.finite:
+            if given:
+                raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
+            _raise_non_finite(leaves)
+    out = compute(plan, gram)
+    if plan is not None:
+        for original, step in zip(stateful, [s for s in plan.steps if s.state is not None]):
+            for name in original.state.fields:
+                getattr(original.state, name).copy_(getattr(step.state, name), non_blocking=True)
+    shapes = [o.shape for o in out]
+    back = torch.cat([o.reshape(-1) for o in out]).to(device, non_blocking=True)
+    return [b.view(shape) for b, shape in zip(back.split([o.numel() for o in out]), shapes)]
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -508,7 +615,7 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
 
 def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
               generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
-              grad_normalizer: Normalizer = None, check_finite: bool = True, group: Any = None,
+              grad_normalizer: Normalizer = None, check_finite: CheckFinite = None, group: Any = None,
               **options: Any) -> Any:
     """Combines K task gradients into one: ``d = Σ_i w_i g_i`` for a weighting method.
 
@@ -565,7 +672,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             # w, as ``weights`` returns it (the two differ by a v with Jᵀv = 0).
             rest = _combine(raw - w, leaves, dtype, group)[0]
             out = [o + (r - r.detach()) for o, r in zip(out, rest)]
-        if not formed and _eager_checks(check_finite):
+        if not formed and _eager_checks(check_finite, leaves[0]):
             if finite is None:
                 _check_output(out, leaves, group)
             elif not finite:
@@ -573,9 +680,12 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         return _unflatten(out, tree)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:
-        gram = _gramian_and_finite(leaves, check_finite, group)
-        c = _coefficients(plan, gram.g, gram.noise).to(dtype)
-        rows = [c @ r for r in rows]
+        if group is None and _host_route(leaves[0]):
+            c = _host_stage(leaves, plan, check_finite, lambda p, gram: [_coefficients(p, gram.g, gram.noise)])[0]
+        else:
+            gram = _gramian_and_finite(leaves, check_finite, group)
+            c = _coefficients(plan, gram.g, gram.noise)
+        rows = [c.to(dtype) @ r for r in rows]
     gen = plan.generator
     if group is not None and plan.tail.method.random:  # per-coordinate draws: a stream per rank
         gen = distributed.coordinate_generator(gen, group, device)
@@ -591,7 +701,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         scale = torch.where(norm > 0, target / torch.where(norm > 0, norm, 1.0), 0.0).to(dtype)
         combined = [c * scale for c in combined]
     out = [c.to(leaf.dtype).reshape(leaf.shape[1:]) for c, leaf in zip(combined, leaves)]
-    if _eager_checks(check_finite):
+    if _eager_checks(check_finite, leaves[0]):
         _check_output(combined, leaves, group)
     return _unflatten(out, tree)
 
@@ -622,7 +732,7 @@ def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: An
 
 def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
-            grad_normalizer: Normalizer = None, check_finite: bool = True, group: Any = None,
+            grad_normalizer: Normalizer = None, check_finite: CheckFinite = None, group: Any = None,
             **options: Any) -> torch.Tensor:
     """The weights w [K] such that ``aggregate`` returns Σ_i w_i g_i (weighting methods and chains).
 
@@ -640,7 +750,7 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
 def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, normalize: Normalize = None,
                          generator: torch.Generator | None = None, state: Any = None,
                          losses: torch.Tensor | None = None, grad_normalizer: Normalizer = None,
-                         check_finite: bool = True, noise: float | None = None, **options: Any) -> torch.Tensor:
+                         check_finite: CheckFinite = None, noise: float | None = None, **options: Any) -> torch.Tensor:
     """The weights w [K] of a weighting method (or chain), from a precomputed Gramian G = J Jᵀ.
 
     For Gramians computed elsewhere: with respect to shared features (MGDA-UB), all-reduced over
@@ -667,13 +777,20 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     plan = _make_plan(method, k, gramian.device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
     g = gramian.detach().to(torch.float64)
-    if _eager_checks(check_finite) and not bool(torch.isfinite(g).all()):
+    if _host_route(g):
+        return _host_stage([g], plan, check_finite, lambda p, gram: [_from_gramian(p, gram, normalize)],
+                           given=(g, float(noise)))[0]
+    if _eager_checks(check_finite, g) and not bool(torch.isfinite(g).all()):
         raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
     g, proj = clean(g, float(noise))
-    return _weights_from_g(plan, Gram(g, float(noise), proj), normalize) + 0.0 * g.sum()
+    return _from_gramian(plan, Gram(g, float(noise), proj), normalize)
 
 
-def gramian(jac: Any, *, check_finite: bool = True, group: Any = None) -> torch.Tensor:
+def _from_gramian(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tensor:
+    return _weights_from_g(plan, gram, normalize) + 0.0 * gram.g.sum()
+
+
+def gramian(jac: Any, *, check_finite: CheckFinite = None, group: Any = None) -> torch.Tensor:
     """The K x K Gramian G = J Jᵀ = Σ_leaves J_l J_lᵀ, in float64 on jac's device.
 
     Accumulated leaf by leaf (no K x D copy) in float32 (float64 for float64 input) by products over

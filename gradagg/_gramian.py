@@ -18,10 +18,12 @@ hair indefinite. With it comes the projector onto the range of G that the weight
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from ._device import on_triton, placement
 from ._numerics import CHUNK, FOLD, eigen_cut, full_precision_matmul, gramian_noise
 from .solvers import native
 from .solvers._loop import can_stop_early, opaque
@@ -151,7 +153,13 @@ def gramian_of_leaves(leaves: list[torch.Tensor], rescue: bool) -> torch.Tensor:
 def clean(g: torch.Tensor, noise: float, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(G symmetrised and denoised, the range projector or None). Where a Cholesky factorisation
     proves λ_min(A) > τ (far cheaper than an eigendecomposition; ``checked`` says it failed already)
-    G stays as it is."""
+    G stays as it is. On the Triton route, one kernel does it all without reading anything back
+    (a non-finite G gives NaN)."""
+    if on_triton(g):
+        from .solvers.gpu import spectral as gpu
+
+        g, proj, _ = gpu.clean(g, eigen_cut(noise, g.shape[-1]), 0.0)
+        return g, proj
     g = 0.5 * (g + g.T)
     cut = eigen_cut(noise, g.shape[-1])
     if can_stop_early(g) and not checked and well_above(g, cut):
@@ -159,12 +167,45 @@ def clean(g: torch.Tensor, noise: float, checked: bool = False) -> tuple[torch.T
     return denoise(g, cut)
 
 
+def triton_gramian(leaves: list[torch.Tensor], dtype: torch.dtype, noise: float, check: bool) -> Gram:
+    """The clean Gramian on the Triton route: the fast products, then one kernel that symmetrises,
+    flags overflow and non-finite entries, and denoises. Nothing is read back unless ``check``:
+    a Gramian that overflowed or underflowed the accumulation, or holds NaN or Inf, then gives NaN
+    weights. With ``check`` (``check_finite=True``) one flag is read, an overflow is rescued by
+    the exact rescaling, and ``finite`` is known."""
+    from .solvers.gpu import spectral as gpu
+
+    k = leaves[0].shape[0]
+    cut = eigen_cut(noise, k)
+    g, proj, status = gpu.clean(fast(leaves, dtype).to(torch.float64), cut, _TINY[dtype])
+    if not check:
+        return Gram(g, noise, proj, None)
+    flags = int(status)
+    if flags & native.RESCUE:
+        g, proj, status = gpu.clean(rescaled(leaves, dtype), cut, 0.0)
+        flags = int(status)
+    return Gram(g, noise, proj, not flags & native.NONFINITE)
+
+
 def host_gramian(leaves: list[torch.Tensor], dtype: torch.dtype, noise: float) -> Gram:
     """The clean Gramian of CPU leaves, with one call into C to symmetrise and test it (finite,
     overflow, λ_min(A) above the cut)."""
-    g, flags = native.prepare(fast(leaves, dtype), eigen_cut(noise, leaves[0].shape[0]), _TINY[dtype])
-    if flags & native.RESCUE:
-        g, proj = clean(rescaled(leaves, dtype), noise)
+    return prepared(fast(leaves, dtype), dtype, noise, lambda: rescaled(leaves, dtype))
+
+
+def prepared(raw: torch.Tensor, dtype: torch.dtype, noise: float, rescue: Callable[[], torch.Tensor] | None) -> Gram:
+    """The clean Gramian from ``raw`` (a CPU Gramian accumulated in ``dtype``), ``rescue()`` giving
+    the exactly rescaled one (on the CPU) where the diagonal shows overflow or underflow."""
+    k = raw.shape[-1]
+    if not native.enabled():  # the torch reference
+        g = raw.to(torch.float64)
+        if rescue is not None and bool(needs_rescale(g, dtype)):
+            g = rescue()
+        g, proj = clean(g, noise)
+        return Gram(g, noise, proj, bool(torch.isfinite(g).all()))
+    g, flags = native.prepare(raw, eigen_cut(noise, k), _TINY[dtype] if rescue is not None else 0.0)
+    if flags & native.RESCUE and rescue is not None:
+        g, proj = clean(rescue(), noise)
         return Gram(g, noise, proj, None)
     if flags & native.INDEFINITE:
         g, proj = clean(g, noise, checked=True)
@@ -187,6 +228,10 @@ def clean_gramian(leaves: list[torch.Tensor], rescue: bool, noise: float) -> tup
     if native.on_host(leaves[0]):
         gram = host_gramian(leaves, dtype, noise)
         return gram.g, gram.proj
+    if placement(leaves[0]) == "host":  # (compiled; an eager call brings the whole stage to the host)
+        device = leaves[0].device
+        gram = prepared(fast(leaves, dtype).to("cpu"), dtype, noise, lambda: rescaled(leaves, dtype).to("cpu"))
+        return gram.g.to(device), None if gram.proj is None else gram.proj.to(device)
     return clean(gramian_of_leaves(leaves, rescue), noise)
 
 

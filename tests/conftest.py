@@ -1,5 +1,12 @@
 import os
 
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 # ci: what `make test` runs, derandomised so that a run on main is reproducible; big: a deeper

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .._device import placement
+
 try:
     from torch.library import infer_schema
 except ImportError:  # torch < 2.5
@@ -51,6 +53,24 @@ def guard(result: torch.Tensor, converged: torch.Tensor, what: str, problem: tor
 _LIB = torch.library.Library("gradagg", "DEF")
 
 
+def _hosted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on the host when its tensors are on an accelerator whose K x K stage takes the
+    host route (``gradagg._device``): compiled graphs reach the operators with device tensors,
+    which eager calls on that route have already brought to the host once for the whole stage."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type == "cpu" or placement(first) != "host":
+            return fn(*args)
+        out = fn(*(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args))
+        if isinstance(out, tuple):
+            return tuple(o.to(first.device) for o in out)
+        return out.to(first.device)
+
+    return run
+
+
 def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Registers the decorated function as the operator ``gradagg::name``.
 
@@ -63,7 +83,7 @@ def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]]
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _LIB.define(name + infer_schema(fn, mutates_args=()))
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        _LIB.impl(name, _hosted(fn), "CompositeExplicitAutograd")
         torch.library.register_fake(f"gradagg::{name}", fake, lib=_LIB)
         op = getattr(torch.ops.gradagg, name).default
 
