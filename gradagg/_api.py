@@ -301,7 +301,7 @@ def _combine(w: torch.Tensor, leaves: list[torch.Tensor], dtype: torch.dtype,
     """(wᵀJ_l for every leaf, in each leaf's dtype and shape; whether their sum is finite, where
     that came for free, else None). w is float64."""
     differentiable = torch.is_grad_enabled() and any(leaf.requires_grad for leaf in leaves)
-    if group is None and not differentiable and native.combine_ok(w, leaves, dtype):
+    if group is None and not differentiable and native.combine_ok(w, leaves, dtype) and not _device.on_triton(w):
         out, finite = [], True
         w = w.contiguous()
         for leaf in leaves:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._registry import REQUIRED, Context, Method, Option, integer, k_vector, register
 from ..solvers import native
 
@@ -89,7 +90,7 @@ def hashed_uniforms(seed: torch.Tensor, offset: int, n: int, dtype: torch.dtype)
 
 
 def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | None) -> list[torch.Tensor]:
-    hashed = rows[0].device.type == "cpu" and not torch.compiler.is_compiling()
+    hashed = rows[0].device.type == "cpu" and not torch.compiler.is_compiling() and not on_triton(rows[0])
     # On the CPU, U comes from a hash of a per-coordinate counter, seeded by one draw from the
     # generator (drawing D uniforms from torch's CPU generator alone costs ~4x the floor at K = 2).
     seed = torch.randint(0, 2**62, (), generator=ctx.generator) if hashed else None  # int64, read in C
@@ -128,6 +129,11 @@ def _trimmed_mean(rows: list[torch.Tensor], ctx: Context, trim: int) -> list[tor
     # The sum of the values left after dropping the trim largest and smallest. NaN or ±Inf anywhere
     # in a column makes the result non-finite.
     k = rows[0].shape[0]
+    recorded = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    if trim > 0 and on_triton(rows[0]) and not recorded:
+        from ..solvers.gpu import elementwise  # one pass over J on the device, never O(K) torch ops
+
+        return [elementwise.trimmed_mean(r, trim) for r in rows]
     if trim > 0 and native.rows_ok(rows):  # (trim = 0 is the mean: a BLAS product is faster)
         return [native.trimmed_mean(r, trim) for r in rows]
     out = []

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The modules whose ``AOT`` lists name their kernels.
-MODULES = ("nnqp", "newton", "surgery", "spectral")
+MODULES = ("nnqp", "newton", "surgery", "spectral", "elementwise")
 CAPABILITIES = (80, 90)
 SIZES = (2, 4, 8, 16, 32, 64)
 #: Spills are an error up to this K (a 64 x 64 float64 tile per matrix cannot stay in registers).
@@ -74,7 +74,8 @@ def compile_one(kernel: Kernel, kp: int, capability: int) -> tuple[int, int]:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(compiled.asm["ptx"])
-        out = subprocess.run([ptxas(), f"-arch=sm_{capability}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+        arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)  # sm_90a for capability 90
+        out = subprocess.run([ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
     regs = max((int(x) for x in re.findall(r"Used (\d+) registers", out)), default=0)
     spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out))
