@@ -89,8 +89,9 @@ def fast(leaves: list[torch.Tensor], dtype: torch.dtype, factors: tuple[torch.Te
     each leaf first multiplied by the ``factors`` in turn. A leaf's whole chunks are one batched
     product (a strided view, no copy): faster than one long product (MKL's skinny products sum
     nearly sequentially) and far more exact. Returns float64, or, where everything fitted in one
-    partial, that partial in ``dtype`` (the caller converts it)."""
-    if torch.get_float32_matmul_precision() != "highest":
+    partial, that partial in ``dtype`` (the caller converts it). A traced call (the Triton route
+    under ``torch.compile``) cannot change the float32 matmul precision: it runs with the user's."""
+    if not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() != "highest":
         with full_precision_matmul():
             return fast(leaves, dtype, factors)
     total, part, width = None, None, 0

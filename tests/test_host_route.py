@@ -24,12 +24,19 @@ def jacobian(seed: int = 0, k: int = K, d: int = D, dtype=torch.float64) -> torc
 
 
 def test_setting_is_validated_and_restored():
-    assert _device.get_solver() is None
-    with _device.use_solver("host"):
-        assert _device.placement(torch.zeros(3, 3)) == "host"
-    assert _device.placement(torch.zeros(3, 3)) == "cpu"
+    before = gradagg.get_solver()
+    with _device.use_solver(None):
+        assert gradagg.get_solver() is None
+        assert _device.placement(torch.zeros(3, 3)) == "cpu"
+        with _device.use_solver("host"):
+            assert _device.placement(torch.zeros(3, 3)) == "host"
+            assert _device.placement(torch.zeros(65, 65)) == "host"
+        assert _device.placement(torch.zeros(3, 3)) == "cpu"
+    assert gradagg.get_solver() == before
     with pytest.raises(ValueError, match="'triton', 'host'"):
         gradagg.set_solver("gpu")
+    with pytest.raises(ValueError, match="GRADAGG_SOLVER"):
+        _device._parse("cuda", "GRADAGG_SOLVER")
 
 
 @pytest.mark.parametrize("method", [m for m in WEIGHTINGS if not gradagg.methods()[m].random])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._numerics import eigen_cut
 from .._registry import Context, Method, Option, as_vector, choice, k_vector, register
 from ..solvers import native
@@ -62,11 +63,11 @@ def _plain_eigh(g: torch.Tensor, cut: float) -> tuple[torch.Tensor, torch.Tensor
 def _aligned_impl(g: torch.Tensor, pref: torch.Tensor, mode: int, cut: float) -> torch.Tensor:
     # Up to K = 16 a Jacobi eigendecomposition in C is faster than torch's (O(K³) per sweep, several
     # sweeps), where A is provably well above the cut; the graded factor otherwise.
-    if native.usable(g) and g.shape[-1] <= JACOBI_MAX_K:
+    if native.usable(g) and g.shape[-1] <= JACOBI_MAX_K and not on_triton(g):
         w = native.aligned_mtl(g, pref, mode, cut)
         if w is not None:
             return w
-    plain = _plain_eigh(g, cut) if can_stop_early(g) else None
+    plain = _plain_eigh(g, cut) if can_stop_early(g) and not on_triton(g) else None  # (reads a flag)
     if plain is not None:
         lam, vec = plain  # of G / max G_ii: σ and Λ^(−1/2) scale alike, w does not change
         sigma = _sigma(lam, torch.ones_like(lam, dtype=torch.bool), _NAMES[mode]).sqrt()

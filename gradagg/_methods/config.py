@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._numerics import eigen_cut
 from .._registry import Context, Method, register
 from ..solvers import native
@@ -25,7 +26,7 @@ from ..solvers.spectral import perpendicular_tol, scaled_spectrum
 
 
 def _config_impl(g: torch.Tensor, cut: float) -> torch.Tensor:
-    if native.usable(g):  # the common, provably invertible case in C; the rest via the spectrum
+    if native.usable(g) and not on_triton(g):  # the common, provably invertible case in C; the rest via the spectrum
         w = native.pinv_weighting("config", g, cut)
         if w is not None:
             return w

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._numerics import eigen_cut
 from .._registry import Context, Method, register
 from ..solvers import native
@@ -31,7 +32,7 @@ from ..solvers.spectral import graded_range, perpendicular_tol, scaled_spectrum
 
 
 def _imtl_g_impl(g: torch.Tensor, cut: float) -> torch.Tensor:
-    if native.usable(g):  # the common, safely invertible case in C; the rest via the spectrum
+    if native.usable(g) and not on_triton(g):  # the common, safely invertible case in C; the rest via the spectrum
         w = native.pinv_weighting("imtl_g", g, cut)
         if w is not None:
             return w

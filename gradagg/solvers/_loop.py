@@ -53,6 +53,16 @@ def guard(result: torch.Tensor, converged: torch.Tensor, what: str, problem: tor
 _LIB = torch.library.Library("gradagg", "DEF")
 
 
+def _first_tensor(args: tuple[Any, ...]) -> torch.Tensor:
+    """The first tensor among the arguments (or in a list argument: the leaves of a Jacobian)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    raise TypeError("a gradagg operator needs a tensor argument")
+
+
 def _hosted(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` run on the host when its tensors are on an accelerator whose K x K stage takes the
     host route (``gradagg._device``): compiled graphs reach the operators with device tensors,
@@ -60,8 +70,8 @@ def _hosted(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any) -> Any:
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if first is None or first.device.type == "cpu" or placement(first) != "host":
+        first = _first_tensor(args)
+        if first.device.type == "cpu" or placement(first) != "host" or any(isinstance(a, list) for a in args):
             return fn(*args)
         out = fn(*(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args))
         if isinstance(out, tuple):
@@ -76,7 +86,8 @@ def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]]
 
     Under ``torch.compile`` the operator is one opaque node (its eager body then runs inside, with
     the early exits above and the C solvers on CPU), so the solver loops are neither traced nor
-    unrolled. It is registered with the low-level ``torch.library.Library`` API, whose dispatch
+    unrolled; on the Triton route, whose bodies hold no such loops, the body is traced instead. It
+    is registered with the low-level ``torch.library.Library`` API, whose dispatch
     costs a few microseconds per call in a compiled graph (``custom_op`` adds Python layers that
     cost several times that). Eager calls run the function directly.
     """
@@ -89,7 +100,11 @@ def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]]
 
         @functools.wraps(fn)
         def call(*args: Any) -> Any:
-            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+            # On the Triton route the body is traceable (torch ops and Triton operators): it is
+            # traced, so that compiled graphs and CUDA graphs see the kernels themselves.
+            if torch.compiler.is_compiling() and placement(_first_tensor(args)) != "triton":
+                return op(*args)
+            return fn(*args)
 
         call.op = op  # type: ignore[attr-defined]
         return call

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._device import on_triton
+
 #: Eigenvalues of A below RTOL times the largest are always treated as zero (a float64 bound
 #: kept below the noise floor's cut, which usually decides).
 RTOL = 1e-12
@@ -38,7 +40,12 @@ class Spectrum(NamedTuple):
 
 def finite_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """eigh of A with non-finite entries zeroed, so that unchecked NaN input cannot make LAPACK
-    raise; the callers' results are turned into NaN from G itself (see ``_api._weights``)."""
+    raise; the callers' results are turned into NaN from G itself (see ``_api._weights``). On the
+    Triton route, Jacobi's method in one kernel (no host check; NaN for non-finite A)."""
+    if on_triton(a):  # Triton route: the kernel, imported only here
+        from .gpu import spectral as gpu_spectral
+
+        return gpu_spectral.eigh(a)
     return torch.linalg.eigh(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
 
 
@@ -63,8 +70,13 @@ def graded_range(sp: Spectrum) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """(U, σ², valid): the nonzero eigenpairs of G_c = N V_r Λ_r V_rᵀ N, to high relative accuracy.
 
     U has orthonormal columns (K x K; the columns beyond the rank r are not eigenvectors and are
-    marked False in ``valid``), σ² the eigenvalues, descending.
+    marked False in ``valid``), σ² the eigenvalues, descending. On the Triton route, a one-sided
+    Jacobi SVD of the same factor in one kernel (``gpu.spectral.graded_range``).
     """
+    if on_triton(sp.vec):  # Triton route: the kernel, imported only here
+        from .gpu import spectral as gpu_spectral
+
+        return gpu_spectral.graded_range(sp.n, sp.vec, sp.lam, sp.keep)
     k = sp.n.shape[-1]
     factor = sp.n.unsqueeze(-1) * sp.vec * torch.where(sp.keep, sp.lam, 0.0).clamp_min(0).sqrt()
     order = torch.argsort(sp.n, descending=True)
