@@ -16,6 +16,7 @@ import contextlib
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, Option, real_at_least, register
 from ..solvers import barrier_op, native, scaled_gramian
 from ..solvers._loop import opaque
@@ -47,6 +48,10 @@ fairgrad_weights = opaque("fairgrad", lambda g, beta: g.new_empty(g.shape[-1]))(
 
 
 def _fairgrad(g: torch.Tensor, ctx: Context, alpha: float) -> torch.Tensor:
+    if on_triton(g):
+        from ..solvers.gpu import newton
+
+        return newton.fairgrad(g, 1.0 / alpha, MAX_ITER)
     return fairgrad_weights(g, 1.0 / alpha)
 
 

@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, Option, real_in, register
 from ..state import GradVacState
-from .pcgrad import random_orders
+from .pcgrad import _keys, random_orders
 
 
 def gradvac_matrix(g: torch.Tensor, target: torch.Tensor, decay: float, generator: torch.Generator | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, updated targets)."""
     k = g.shape[-1]
+    if on_triton(g):
+        from ..solvers.gpu import surgery
+
+        # The same draw as random_orders: with the same generator, the same orders.
+        return surgery.gradvac(g, target, _keys(k, g, generator), decay)
     norms = torch.diagonal(g).clamp_min(0).sqrt()
     rows = torch.arange(k, device=g.device)
     order = random_orders(k, g, generator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._registry import REQUIRED, Context, Method, Option, integer, register
 from ..solvers import native
 from ..solvers._loop import opaque
@@ -37,6 +38,10 @@ krum_op = opaque("krum", lambda g, f, m: g.new_empty(g.shape[-1]))(_krum_impl)
 
 
 def _krum(g: torch.Tensor, ctx: Context, f: int, m: int) -> torch.Tensor:
+    if on_triton(g):
+        from ..solvers.gpu import surgery
+
+        return surgery.krum(g, f, m)
     return krum_op(g, f, m)
 
 

@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, Option, optional_positive_real, positive_int, register
 from ..solvers import native, scaled_gramian, solve_barrier
 from ..solvers._loop import can_stop_early, guard, opaque
@@ -56,7 +57,12 @@ def _nash_mtl(g: torch.Tensor, ctx: Context, update_every: int, max_norm: float 
     state = ctx.state
     previous = state.alpha.to(g.dtype)
     recompute = ((state.step % update_every) == 0) | ~(previous > 0).any()
-    alpha = nash_op(g, previous, recompute)
+    if on_triton(g):
+        from ..solvers.gpu import newton
+
+        alpha = newton.nash(g, previous, recompute, MAX_ITER)  # reads recompute in the kernel
+    else:
+        alpha = nash_op(g, previous, recompute)
     state.alpha.copy_(alpha.to(state.dtype))
     state.step.add_(1)
     if max_norm is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, register
 from ..solvers import native
 from ..solvers._loop import opaque
@@ -61,7 +62,12 @@ pcgrad_op = opaque("pcgrad", _pcgrad_fake)(_pcgrad_impl)
 
 def pcgrad_matrix(g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """The coefficient matrix C of the surgery, with orders drawn from ``generator``."""
-    return pcgrad_op(g, _keys(g.shape[-1], g, generator), False)
+    keys = _keys(g.shape[-1], g, generator)
+    if on_triton(g):
+        from ..solvers.gpu import surgery
+
+        return surgery.pcgrad(g, keys, False)
+    return pcgrad_op(g, keys, False)
 
 
 def _transform(g: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -69,7 +75,12 @@ def _transform(g: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def _pcgrad(g: torch.Tensor, ctx: Context) -> torch.Tensor:
-    return pcgrad_op(g, _keys(g.shape[-1], g, ctx.generator), True)
+    keys = _keys(g.shape[-1], g, ctx.generator)
+    if on_triton(g):
+        from ..solvers.gpu import surgery
+
+        return surgery.pcgrad(g, keys, True)
+    return pcgrad_op(g, keys, True)
 
 
 register(Method(
