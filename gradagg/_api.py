@@ -206,7 +206,7 @@ def _check_losses(losses: Any, k: int, needed: str | None) -> torch.Tensor | Non
         raise ValueError(f"losses must have shape [K] = [{k}], got {tuple(losses.shape)}")
     if losses.is_complex() or not losses.is_floating_point():
         raise TypeError(f"losses must be real floating point, got dtype {losses.dtype}")
-    if not torch.compiler.is_compiling() and losses.device.type == "cpu":
+    if not torch.compiler.is_compiling() and losses.device.type == "cpu" and not _device.on_triton(losses):
         if not bool(torch.isfinite(losses).all()) or not bool((losses > 0).all()):
             raise ValueError(f"losses must be finite and positive (they divide), got {losses.detach()}")
     return losses.detach()

@@ -94,6 +94,17 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
     # On the CPU, U comes from a hash of a per-coordinate counter, seeded by one draw from the
     # generator (drawing D uniforms from torch's CPU generator alone costs ~4x the floor at K = 2).
     seed = torch.randint(0, 2**62, (), generator=ctx.generator) if hashed else None  # int64, read in C
+    recorded = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    if on_triton(rows[0]) and not recorded:  # one pass over J per leaf on the device, same hash
+        from ..solvers.gpu import elementwise
+
+        seed = torch.randint(0, 2**62, (), generator=ctx.generator, device=rows[0].device)
+        leak = None if leakage is None else leakage.to(device=rows[0].device, dtype=torch.float64)
+        out, offset = [], 0
+        for r in rows:
+            out.append(elementwise.graddrop(r, leak, seed, offset))
+            offset += r.shape[1]
+        return out
     if hashed and native.rows_ok(rows):  # one pass over J in C
         out, offset = [], 0
         for r in rows:

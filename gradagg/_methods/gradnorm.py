@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, Option, nonnegative_int, real_at_least, register
 from ..state import GradNormLossState, GradNormState
 
@@ -41,12 +42,26 @@ def _step(g: torch.Tensor, ctx: Context, alpha: float, lr: float, update_at: int
     return w
 
 
+def _on_device(g: torch.Tensor, ctx: Context, alpha: float, lr: float, update_at: int,
+               losses: torch.Tensor | None) -> torch.Tensor:
+    """The same step as one Triton kernel (the Triton route): a constant number of launches."""
+    from ..solvers.gpu import weightings
+
+    state = ctx.state
+    return weightings.gradnorm(g, losses, state.theta, state.ref, state.step, alpha, lr, update_at)
+
+
 def _gradnorm(g: torch.Tensor, ctx: Context, alpha: float, lr: float, update_at: int) -> torch.Tensor:
+    if on_triton(g):
+        return _on_device(g, ctx, alpha, lr, update_at, None)
     return _step(g, ctx, alpha, lr, update_at, torch.diagonal(g).clamp_min(0).sqrt())
 
 
 def _gradnorm_loss(g: torch.Tensor, ctx: Context, alpha: float, lr: float, update_at: int) -> torch.Tensor:
-    return _step(g, ctx, alpha, lr, update_at, ctx.losses.to(device=g.device, dtype=g.dtype))
+    losses = ctx.losses.to(device=g.device, dtype=g.dtype)
+    if on_triton(g):
+        return _on_device(g, ctx, alpha, lr, update_at, losses)
+    return _step(g, ctx, alpha, lr, update_at, losses)
 
 
 _OPTIONS = (
