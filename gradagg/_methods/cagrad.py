@@ -27,6 +27,7 @@ import contextlib
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, Option, choice, real_at_least, register
 from ..solvers import native, nnqp, scaled_gramian
 from ..solvers._loop import all_done, can_stop_early, guard, opaque
@@ -110,7 +111,12 @@ cagrad_weights = opaque("cagrad", lambda g, c, divisor: g.new_empty(g.shape[-1])
 
 
 def _cagrad(g: torch.Tensor, ctx: Context, c: float, rescale: int) -> torch.Tensor:
-    return cagrad_weights(g, c, {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale])
+    divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    if on_triton(g):
+        from ..solvers.gpu import nnqp
+
+        return nnqp.cagrad(g, c, MAX_OUTER, divisor)
+    return cagrad_weights(g, c, divisor)
 
 
 register(Method(

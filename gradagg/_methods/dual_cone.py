@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, Option, as_vector, k_vector, register
 from ..solvers import native, nnqp_op, scaled_gramian
 from ..solvers._loop import opaque
@@ -50,10 +51,18 @@ summed_projections = opaque("dual_cone", lambda g, lower: g.new_empty(g.shape[-1
 
 
 def _upgrad(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
+    if on_triton(g):
+        from ..solvers.gpu import nnqp
+
+        return nnqp.dual_cone(g, torch.diag(as_vector(pref, g)), True)
     return summed_projections(g, torch.diag(as_vector(pref, g)))
 
 
 def _dualproj(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None) -> torch.Tensor:
+    if on_triton(g):
+        from ..solvers.gpu import nnqp
+
+        return nnqp.dual_cone(g, as_vector(pref, g).unsqueeze(0), True)
     return summed_projections(g, as_vector(pref, g).unsqueeze(0))
 
 

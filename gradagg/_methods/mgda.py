@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 
+from .._device import on_triton
 from .._registry import Context, Method, register
 from ..solvers import native, nnqp_op, scaled_gramian
 from ..solvers._loop import opaque
@@ -46,6 +47,10 @@ mgda_weights = opaque("mgda", lambda g: g.new_empty(g.shape[-1]))(_mgda_impl)
 
 
 def _mgda(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if on_triton(g):
+        from ..solvers.gpu import nnqp
+
+        return nnqp.mgda(g)
     return mgda_weights(g)
 
 
