@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(subst =,-,$(TORCH))
 SOLVER_TESTS := tests/test_mgda.py tests/test_dual_cone.py tests/test_cagrad.py tests/test_weightings.py tests/test_stateful.py \
                 tests/test_precision.py tests/test_numerics.py
 
-.PHONY: install test fuzz lint demo bench clean
+.PHONY: install test test-cuda fuzz lint demo bench bench-cuda clean
 
 $(STAMP): pyproject.toml setup.py gradagg/_kkt.c
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: install lint
 	GRADAGG_REQUIRE_NATIVE=1 HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
 	GRADAGG_NATIVE=0 HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q $(SOLVER_TESTS)
 
+# On a machine with a CUDA GPU: the suite with the Triton kernels on the device (CPU tensors keep the
+# C solvers), then the host route's tests.
+test-cuda: install
+	GRADAGG_SOLVER=triton HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
+	GRADAGG_SOLVER=host HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q $(SOLVER_TESTS) tests/test_host_route.py
+
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
@@ -37,6 +43,10 @@ demo: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --out bench-out
+
+bench-cuda: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m benchmarks.cuda --out bench-cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info build gradagg/*.so

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradagg
 
@@ -65,3 +66,23 @@ def assert_close_direction(a: np.ndarray, b: np.ndarray, rtol: float, floor: flo
     """‖a − b‖ ≤ rtol max(‖a‖, ‖b‖) + floor (the floor covers answers that are 0 up to rounding)."""
     scale = max(np.linalg.norm(a), np.linalg.norm(b))
     assert np.linalg.norm(a - b) <= rtol * scale + floor + 1e-300, f"‖a − b‖ = {np.linalg.norm(a - b)} vs scale {scale}"
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched (a Triton operator shows as one op); ``banned()`` lists
+    those that read a tensor on the host or check a factorisation there (the ``_ex`` forms do not)."""
+
+    BANNED = ("_local_scalar_dense", "aten.item", "is_nonzero", "aten.equal", "eigh", "svd", "linalg_inv.",
+              "linalg_cholesky.", "linalg_solve.", "linalg_lstsq", "linalg_pinv", "matrix_rank")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def banned(self) -> list[str]:
+        return [op for op in self.ops
+                if op.startswith("aten.") and any(b in op for b in self.BANNED) and "_ex" not in op]

@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradagg
 from gradagg import _device, _registry
@@ -26,7 +25,7 @@ from gradagg._registry import Context
 from gradagg.solvers import native
 from gradagg.solvers.active_set import SIGN_TOL, default_budget
 
-from asserts import assert_close_direction
+from asserts import OpLog, assert_close_direction
 from oracles import cagrad_inner, dual_cone_projection, frank_wolfe_gap, mgda_enumerate
 from strategies import Case, cases
 
@@ -249,23 +248,6 @@ def test_solve_on_fails_where_cholesky_does():
     assert torch.isnan(gn.launch_mgda(t(np.array([[1.0, 2.0], [2.0, 1.0]])), 51)).all()
 
 
-class Reads(TorchDispatchMode):
-    """Records the ops; ``banned`` are those that read a tensor on the host."""
-
-    BANNED = ("_local_scalar_dense", "aten.item", "is_nonzero", "aten.equal")
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def banned(self) -> list[str]:
-        return [op for op in self.ops if op.startswith("aten.") and any(b in op for b in self.BANNED)]
-
-
 API = [("mgda", {}), ("dualproj", {}), ("upgrad", {"pref": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]})] + \
       [("cagrad", {"c": c, "rescale": rescale}) for c, rescale in ((0.4, 0), (2.0, 1), (10.0, 2))]
 
@@ -281,7 +263,7 @@ def test_public_api_on_the_triton_route(method, options):
         info = _registry.lookup(method)
         values = {o.name: o.default for o in info.options} | {
             name: t(np.array(v)) if isinstance(v, list) else v for name, v in options.items()}
-        with Reads() as mode:
+        with OpLog() as mode:
             info.weighting(g, Context(noise=FLOAT64_NOISE), **values)
     assert any(op in ("gradagg.tr_mgda.default", "gradagg.tr_dual_cone.default", "gradagg.tr_cagrad.default")
                for op in mode.ops), mode.ops
@@ -312,7 +294,7 @@ def test_launches_do_not_grow_with_k():
     for k in (2, 3):
         jn = jacobian("random", k, k + 2)
         g, lower = t(jn @ jn.T), t(np.eye(k) / k)
-        with Reads() as mode:
+        with OpLog() as mode:
             gn.mgda(g)
             gn.dual_cone(g, lower, True)
             gn.cagrad(g, 0.5, 60, 2.0)

@@ -5,6 +5,10 @@ wherever no random draw is involved."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -131,3 +135,18 @@ def test_overflowing_float32_gramian_is_rescued():
         got = gradagg.weights(j, "upgrad")
     assert torch.isfinite(got).all()
     assert torch.equal(got, expected)
+
+
+def test_cpu_and_host_routes_never_import_triton():
+    """triton is imported lazily, only on the Triton route: CPU-only installs never need it."""
+    code = ("import sys, torch, gradagg\n"
+            "j = torch.randn(4, 10)\n"
+            "for m in ('mgda', 'upgrad', 'imtl_g', 'pcgrad', 'graddrop'):\n"
+            "    gradagg.aggregate(j, m)\n"
+            "with gradagg.use_solver('host'):\n"
+            "    gradagg.aggregate(j, 'cagrad')\n"
+            "print('triton' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GRADAGG_SOLVER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

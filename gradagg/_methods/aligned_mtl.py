@@ -82,6 +82,10 @@ _aligned_op = opaque("aligned_mtl", lambda g, pref, mode, cut: g.new_empty(g.sha
 
 
 def _aligned_mtl(g: torch.Tensor, ctx: Context, pref: torch.Tensor | None, scale_mode: str) -> torch.Tensor:
+    if on_triton(g):  # the whole K x K stage in one kernel launch
+        from ..solvers.gpu import closed
+
+        return closed.aligned_mtl(g, as_vector(pref, g), _MODES[scale_mode], eigen_cut(ctx.noise, g.shape[-1]))
     return _aligned_op(g, as_vector(pref, g), _MODES[scale_mode], eigen_cut(ctx.noise, g.shape[-1]))
 
 

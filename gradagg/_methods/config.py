@@ -43,6 +43,10 @@ _config_op = opaque("config", lambda g, cut: g.new_empty(g.shape[-1]))(_config_i
 
 
 def _config(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if on_triton(g):  # the whole K x K stage in one kernel launch
+        from ..solvers.gpu import closed
+
+        return closed.config(g, eigen_cut(ctx.noise, g.shape[-1]))
     return _config_op(g, eigen_cut(ctx.noise, g.shape[-1]))
 
 

@@ -50,6 +50,10 @@ _imtl_g_op = opaque("imtl_g", lambda g, cut: g.new_empty(g.shape[-1]))(_imtl_g_i
 
 
 def _imtl_g(g: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if on_triton(g):  # the whole K x K stage in one kernel launch
+        from ..solvers.gpu import closed
+
+        return closed.imtl_g(g, eigen_cut(ctx.noise, g.shape[-1]))
     return _imtl_g_op(g, eigen_cut(ctx.noise, g.shape[-1]))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The modules whose ``AOT`` lists name their kernels.
-MODULES = ("nnqp", "newton", "surgery", "spectral", "elementwise", "weightings")
+MODULES = ("nnqp", "newton", "surgery", "spectral", "elementwise", "weightings", "closed")
 CAPABILITIES = (80, 90)
 SIZES = (2, 4, 8, 16, 32, 64)
 #: Spills are an error up to this K (a 64 x 64 float64 tile per matrix cannot stay in registers).

@@ -254,28 +254,19 @@ def _symmetrised(raw_ptr, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _graded_kernel(n_ptr, vec_ptr, lam_ptr, keep_ptr, u_ptr, sigma2_ptr, valid_ptr, k, KP: tl.constexpr):
-    """U, σ² (descending) and the valid columns of the graded factor F = N V Λ_keep^(1/2): the
-    one-sided Jacobi SVD described above, in place of ``spectral.graded_range``'s QR + SVD."""
+def _one_sided(w, u, settled, KP: tl.constexpr):
+    """(W, U, converged, inv): the one-sided Jacobi SVD described above on the factor tile ``w``
+    (rows F_i; zero rows and the padding are zero), rotating its rows while ``u`` (the identity, or
+    the rotation so far) accumulates the rotations; ``settled`` (int32 0/1) runs no sweep. ``inv`` holds
+    1/‖F_i‖ (0 for zero rows), for ``_graded_sigma2``."""
     r = tl.arange(0, KP)
-    rows = r[:, None]
-    cols = r[None, :]
-    n = load_vector(n_ptr, k, KP, 0.0)
-    lam = load_vector(lam_ptr, k, KP, 0.0)
-    keep = (tl.load(keep_ptr + r, mask=r < k, other=0) != 0) & (r < k)
-    root = tl.where(keep, tl.sqrt(tl.maximum(tl.where(keep, lam, 0.0), 0.0)), 0.0)
-    w = n[:, None] * load_square(vec_ptr, k, KP) * root[None, :]
-    finite = tl.min(tl.min(_finite(w).to(tl.int32), 1), 0)
-    w = tl.where(finite != 0, w, 0.0)
-    count = tl.sum(keep.to(tl.int32), 0)
     # 1/‖F_i‖ (0 for zero rows): row j of W is negligible where its share of every row of F = U W,
     # |U_ij| ‖w_j‖ / ‖F_i‖, is below tol.
     fnorm = tl.sqrt(tl.sum(w * w, 1))
     inv = tl.where(fnorm > 0.0, 1.0 / tl.where(fnorm > 0.0, fnorm, 1.0), 0.0)
-    u = tl.where(rows == cols, 1.0, 0.0).to(tl.float64)
     tol = KP * SVD_TOL
     sweep = 0
-    done = 1 - finite
+    done = settled
     while (sweep < SWEEPS) & (done == 0):
         rotated = 0
         for rnd in range(KP - 1):
@@ -300,11 +291,41 @@ def _graded_kernel(n_ptr, vec_ptr, lam_ptr, keep_ptr, u_ptr, sigma2_ptr, valid_p
             u = u * c[None, :] + tl.gather(u, by_col, 1) * s[None, :]
         done = (rotated == 0).to(tl.int32)
         sweep += 1
-    bad = (done == 0) | (finite == 0)
+    return w, u, done, inv
+
+
+@triton.jit
+def _graded_sigma2(w, u, inv, count, k, KP: tl.constexpr):
+    """(σ², rank) after ``_one_sided``: σ²_j = ‖w_j‖², 0 for a negligible row (rounding ranks last)
+    and beyond the ``count`` largest; rank is each σ²'s position in descending order (σ² itself is
+    in the order of U's columns)."""
     norm2 = tl.sum(w * w, 1)
-    sigma2 = tl.where(_negligible(u, inv, norm2, tol), 0.0, norm2)  # rounding ranks last
-    rank = tl.where(bad, r, _ranks(sigma2, k, KP, True))
-    sigma2 = tl.where(bad, float("nan"), tl.where(rank < count, sigma2, 0.0))
+    sigma2 = tl.where(_negligible(u, inv, norm2, KP * SVD_TOL), 0.0, norm2)
+    rank = _ranks(sigma2, k, KP, True)
+    return tl.where(rank < count, sigma2, 0.0), rank
+
+
+@triton.jit
+def _graded_kernel(n_ptr, vec_ptr, lam_ptr, keep_ptr, u_ptr, sigma2_ptr, valid_ptr, k, KP: tl.constexpr):
+    """U, σ² (descending) and the valid columns of the graded factor F = N V Λ_keep^(1/2): the
+    one-sided Jacobi SVD described above, in place of ``spectral.graded_range``'s QR + SVD."""
+    r = tl.arange(0, KP)
+    rows = r[:, None]
+    cols = r[None, :]
+    n = load_vector(n_ptr, k, KP, 0.0)
+    lam = load_vector(lam_ptr, k, KP, 0.0)
+    keep = (tl.load(keep_ptr + r, mask=r < k, other=0) != 0) & (r < k)
+    root = tl.where(keep, tl.sqrt(tl.maximum(tl.where(keep, lam, 0.0), 0.0)), 0.0)
+    w = n[:, None] * load_square(vec_ptr, k, KP) * root[None, :]
+    finite = tl.min(tl.min(_finite(w).to(tl.int32), 1), 0)
+    w = tl.where(finite != 0, w, 0.0)
+    count = tl.sum(keep.to(tl.int32), 0)
+    eye = tl.where(rows == cols, 1.0, 0.0).to(tl.float64)
+    w, u, done, inv = _one_sided(w, eye, 1 - finite, KP)
+    bad = (done == 0) | (finite == 0)
+    sigma2, rank = _graded_sigma2(w, u, inv, count, k, KP)
+    rank = tl.where(bad, r, rank)
+    sigma2 = tl.where(bad, float("nan"), sigma2)
     tl.store(sigma2_ptr + rank, sigma2, mask=r < k)
     tl.store(u_ptr + rows * k + rank[None, :], tl.where(bad, float("nan"), u), mask=(rows < k) & (cols < k))
     tl.store(valid_ptr + r, r < count, mask=r < k)
