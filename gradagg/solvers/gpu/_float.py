@@ -93,3 +93,20 @@ def sqrt(x):
     ok = (x > 0) & finite(x)
     safe = tl.where(ok, x, 1.0)
     return tl.where(ok, safe * rsqrt(safe), tl.where(x < 0, nan(), x))
+
+
+@triton.jit
+def f64(value):
+    """The float64 scalar ``value``, exact: a float argument is a Python float in the interpreter,
+    and a float literal in tl.where, tl.maximum or tl.minimum is rounded to float32."""
+    return tl.full([], value, tl.float64)
+
+
+@triton.jit
+def div(x, y):
+    """x / y without a float64 division: q = x · recip(y), then one correction by the exact residual
+    x − yq where y and q are finite (x / ±∞ = 0 stays 0), which leaves q correctly rounded but in
+    rare cases."""
+    r = recip(y)
+    q = x * r
+    return tl.where(finite(y), tl.where(finite(q), tl.fma(tl.fma(-y, q, x), r, q), q), q)

@@ -40,8 +40,8 @@ The fast paths, both from ``_kkt.c``:
 Non-finite G, or a Jacobi method that runs out of its sweeps, gives NaN. G is read from its lower
 triangle (as eigh reads it); inputs and outputs are float64. The kernels' own divisions and square
 roots are those of ``_float`` (no slow-path subroutine calls for ptxas to spill around); the Jacobi
-device functions of ``gpu.spectral`` keep theirs. ``_f64``, ``_div``, ``_definite`` and
-``_unit_inverse`` are generic (any kernel may use them).
+device functions of ``gpu.spectral`` keep theirs. ``_definite`` and ``_unit_inverse`` are generic
+(any kernel may use them).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .. import spectral as _spectral
 from . import aot, padded
-from ._float import finite, inf, nan, recip, rsqrt, sqrt
+from ._float import div, f64, inf, nan, recip, rsqrt, sqrt
 from ._tile import col, diagonal, entry, load_square, load_vector, row, store_vector
 from .spectral import SVD_TOL, _finite, _jacobi, _negligible, _one_sided, _pow2_scale, _ranks, _warps
 
@@ -72,22 +72,6 @@ RMSE = tl.constexpr(2)
 
 # ------------------------------------------------------------------------------------------------
 # Device functions
-
-@triton.jit
-def _f64(value):
-    """The float64 scalar ``value``, exact (a float argument is a Python float in the interpreter,
-    and a float literal in tl.maximum/minimum is rounded to float32)."""
-    return tl.full([], value, tl.float64)
-
-
-@triton.jit
-def _div(x, y):
-    """x / y without a float64 division (generic; see ``_float`` for why): q = x · recip(y), then one
-    correction by the exact residual x − yq where y and q are finite (x / ±∞ = 0 stays 0)."""
-    r = recip(y)
-    q = x * r
-    return tl.where(finite(y), tl.where(finite(q), tl.fma(tl.fma(-y, q, x), r, q), q), q)
-
 
 @triton.jit
 def _gramian(g_ptr, k, KP: tl.constexpr):
@@ -146,8 +130,8 @@ def _kept(lam, cut, k, KP: tl.constexpr):
 @triton.jit
 def _perpendicular_tol(cut, low):
     """``spectral.perpendicular_tol``: cut / low within [1e-12, ½]."""
-    t = _div(cut, low)
-    return tl.where(t < PERP_MIN, _f64(PERP_MIN), tl.where(t > PERP_MAX, _f64(PERP_MAX), t))
+    t = div(cut, low)
+    return tl.where(t < PERP_MIN, f64(PERP_MIN), tl.where(t > PERP_MAX, f64(PERP_MAX), t))
 
 
 @triton.jit
@@ -217,7 +201,7 @@ def _imtl_g_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
     """IMTL-G's w = G⁺n / Σ G⁺n (``_imtl_g_impl``; C ``imtl_g_solve`` where A is invertible)."""
     r = tl.arange(0, KP)
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(tl.float64)
-    cut = _f64(cut)
+    cut = f64(cut)
     coef, bound, fast, lam, v, keep, low, ok = _pinv_front(g_ptr, k, cut, KP)
     # The graded factor F = N V_keep Λ_keep^(1/2), with n from G again (nothing from before the
     # sweeps needs to stay live).
@@ -231,13 +215,13 @@ def _imtl_g_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
     sigma2 = tl.where(_negligible(u, inv, norm2, KP * SVD_TOL), 0.0, norm2)
     valid = (_ranks(sigma2, k, KP, True) < count) & (r < k)
     along = tl.sum(u * n[:, None], 0)  # n's coordinates in the range of G
-    x = tl.where(valid, _div(along, tl.where(valid, sigma2, 1.0)), 0.0)
+    x = tl.where(valid, div(along, tl.where(valid, sigma2, 1.0)), 0.0)
     y = tl.where(fast != 0, s * coef, tl.sum(u * x[None, :], 1))  # G⁺n
     total = tl.sum(y, 0)
     tol = _perpendicular_tol(cut, tl.where(fast != 0, bound, low))
     reach = sqrt(tl.sum(tl.where(valid, along * along, 0.0), 0)) > tol * sqrt(tl.sum(n * n, 0))
     solved = (tl.abs(total) > tol * tl.sum(tl.abs(y), 0)) & ((fast != 0) | reach)
-    out = tl.where(solved, _div(y, tl.where(solved, total, 1.0)), 0.0)
+    out = tl.where(solved, div(y, tl.where(solved, total, 1.0)), 0.0)
     store_vector(w_ptr, tl.where((ok == 0) | (converged == 0), nan(), out), k, KP)
 
 
@@ -246,13 +230,13 @@ def _config_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
     """ConFIG's w = (1ᵀGv / vᵀGv) v, v = S A⁺ 1_P (``_config_impl``; C ``config_solve`` where A
     is invertible)."""
     r = tl.arange(0, KP)
-    cut = _f64(cut)
+    cut = f64(cut)
     coef, _, fast, lam, v, keep, low, ok = _pinv_front(g_ptr, k, cut, KP)
     g, _ = _gramian(g_ptr, k, KP)
     _, s, pos = _norms(g, k, KP)
     ones = tl.where(pos, 1.0, 0.0).to(tl.float64)
     along = tl.where(keep, tl.sum(v * ones[:, None], 0), 0.0)  # 1's coordinates in the kept range of A
-    x = tl.sum(v * tl.where(keep, _div(along, tl.where(keep, lam, 1.0)), 0.0)[None, :], 1)
+    x = tl.sum(v * tl.where(keep, div(along, tl.where(keep, lam, 1.0)), 0.0)[None, :], 1)
     y = s * tl.where(fast != 0, coef, x)  # S A⁺ 1_P
     g = tl.where((r[:, None] < k) & (r[None, :] < k), g, 0.0)
     norm_sq = tl.sum(tl.sum(g * y[None, :], 1) * y, 0)
@@ -260,7 +244,7 @@ def _config_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
     tol = _perpendicular_tol(cut, low)
     reach = sqrt(tl.sum(along * along, 0)) > tol * sqrt(tl.sum(ones, 0))
     solved = (norm_sq > 0.0) & ((fast != 0) | reach)
-    out = tl.where(solved, _div(pull, tl.where(solved, norm_sq, 1.0)), 0.0) * y
+    out = tl.where(solved, div(pull, tl.where(solved, norm_sq, 1.0)), 0.0) * y
     store_vector(w_ptr, tl.where(ok == 0, nan(), out), k, KP)
 
 
@@ -272,11 +256,11 @@ def _aligned_kernel(g_ptr, pref_ptr, w_ptr, k, mode, cut, KP: tl.constexpr):
     real = r < k
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(tl.float64)
     inside = real[:, None] & real[None, :]
-    cut = _f64(cut)
+    cut = f64(cut)
     g, finite = _gramian(g_ptr, k, KP)
     _, s, pos = _norms(g, k, KP)
     a = _unit_scaled(g, s, k, KP)
-    shift = tl.maximum(cut, _f64(k) * SHIFT_TOL)
+    shift = tl.maximum(cut, f64(k) * SHIFT_TOL)
     full = tl.sum(pos.to(tl.int32), 0) == k
     fast = (full & (_definite(tl.where(inside, a - shift * eye, eye), KP) != 0) & (finite != 0)).to(tl.int32)
     # One two-sided Jacobi: of G where fast (every eigenvalue of G is kept), of A otherwise.
@@ -301,7 +285,7 @@ def _aligned_kernel(g_ptr, pref_ptr, w_ptr, k, mode, cut, KP: tl.constexpr):
     # σ²: the smallest, the median (the mean of the two middle values for an even count; the
     # ascending position a is the descending rank count − 1 − a) or the mean of the valid σ²_j.
     low = tl.min(tl.where(valid, sigma2, inf()), 0)
-    mean = _div(tl.sum(sigma2, 0), tl.maximum(count, 1).to(tl.float64))
+    mean = div(tl.sum(sigma2, 0), tl.maximum(count, 1).to(tl.float64))
     below = count - 1 - (count - 1) // 2
     above = count - 1 - count // 2
     middle = 0.5 * (tl.sum(tl.where(valid & (rank == below), sigma2, 0.0), 0)

@@ -30,7 +30,7 @@ from ..._methods import dual_cone as _dual_cone
 from ..._methods import mgda as _mgda
 from ..active_set import SIGN_TOL, default_budget
 from . import aot, padded, warps
-from ._float import finite, inf, nan, recip, rsqrt
+from ._float import div, f64, finite, inf, nan, recip, rsqrt, sqrt
 from ._tile import entry, load_square, load_vector, row, store_vector, vecmat
 
 _SIGN_TOL = tl.constexpr(SIGN_TOL)
@@ -57,27 +57,6 @@ def _warps(kp: int) -> int:
 def full(value, KP: tl.constexpr):
     """A float64 KP-vector of ``value``, exact (tl.where rounds a Python float to float32)."""
     return tl.full([KP], value, tl.float64)
-
-
-@triton.jit
-def constant(value):
-    """The float64 scalar ``value``, exact (also an int, or a Python float in the interpreter)."""
-    return tl.full([], value, tl.float64)
-
-
-@triton.jit
-def div(x, y):
-    """x / y without a float64 division (see ``_float``): q = x · recip(y), then one correction
-    with the exact residual x − yq, which leaves q correctly rounded but in rare cases."""
-    r = recip(y)
-    q = x * r
-    return tl.where(finite(q), tl.fma(tl.fma(-y, q, x), r, q), q)
-
-
-@triton.jit
-def sqrt(x):
-    """√x for x ≥ 0 (x · rsqrt(x), within about an ulp), without sqrt.rn's slow-path call."""
-    return tl.where((x > 0.0) & finite(x), x * rsqrt(x), tl.where(x == 0.0, 0.0, x + nan()))
 
 
 @triton.jit
@@ -312,8 +291,8 @@ def cagrad_kernel(g_ptr, w_ptr, k, c: tl.float64, max_outer, budget, KP: tl.cons
     real = r < k
     eye = r[:, None] == r[None, :]
     inside = real[:, None] & real[None, :]
-    kf = constant(k)
-    c = constant(c)  # already float64 when compiled; a Python float in the interpreter
+    kf = f64(k)
+    c = f64(c)  # already float64 when compiled; a Python float in the interpreter
     g = load_square(g_ptr, k, KP)
     ok = all_finite(g)
     peak = tl.maximum(tl.max(tl.where(real, diag(g, KP), 0.0), 0), _TINY)
@@ -378,8 +357,8 @@ def cagrad_fallback_kernel(g_ptr, w_ptr, out_ptr, k, c: tl.float64, divisor: tl.
     ball and beats w on min_i (Gw)_i by more than the rounding of the largest terms."""
     r = tl.arange(0, KP)
     real = r < k
-    kf = constant(k)
-    c = constant(c)
+    kf = f64(k)
+    c = f64(c)
     w = load_vector(w_ptr, k, KP, 0.0)
     mean = tl.where(real, div(1.0, kf), 0.0)
     usable = tl.sum(tl.where(finite(w), 0, 1), 0) == 0  # w is NaN where the search failed
@@ -391,7 +370,7 @@ def cagrad_fallback_kernel(g_ptr, w_ptr, out_ptr, k, c: tl.float64, divisor: tl.
     low_cone = tl.min(tl.where(real, vecmat(cone, g), inf()), 0)
     low_w = tl.min(tl.where(real, vecmat(w, g), inf()), 0)
     better = low_cone > low_w + 1e-9 * (1.0 + c) * sqrt(unit)
-    w = div(tl.where(in_ball & better & (c > 0.0), cone, w), constant(divisor))
+    w = div(tl.where(in_ball & better & (c > 0.0), cone, w), f64(divisor))
     store_vector(out_ptr, w + (cone - cone), k, KP)  # NaN where the projection failed
 
 
