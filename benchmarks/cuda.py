@@ -2,7 +2,9 @@
 
     python -m benchmarks.cuda [--out DIR] [--ks 2,8,32,64] [--ds 1000000,10000000] [--repeats N]
 
-Needs a CUDA device (it prints that nothing was measured otherwise). For every method, K and D
+Needs a CUDA device (it prints that nothing was measured otherwise; ``--smoke`` runs the whole
+script at tiny sizes on CPU tensors through Triton's interpreter, without the CUDA graph column,
+so that the test suite keeps it working). For every method, K and D
 (float32 J on the device) it times, as medians of interleaved rounds with a device synchronisation
 after each call:
 - the floor: t(J @ J.T) + t(w @ J);
@@ -30,11 +32,16 @@ import gradagg
 from benchmarks.bench import METHODS, _torchjd_factories, options
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fns: dict, repeats: int) -> dict[str, float]:
     for fn in fns.values():
         fn()
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -42,7 +49,7 @@ def _timed(fns: dict, repeats: int) -> dict[str, float]:
                 continue
             start = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -67,6 +74,10 @@ def _stage_time(g: torch.Tensor, method: str, opts: dict, state) -> float:
         return gradagg.weights_from_gramian(g, method, state=state, check_finite=False, **opts)
     for _ in range(3):
         call()
+    if g.device.type != "cuda":  # (the smoke run: wall time)
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(100):
@@ -87,20 +98,19 @@ def _ops(fn) -> int | None:
     return census.total
 
 
-def case(k: int, d: int, repeats: int, torchjd) -> list[dict]:
-    device = torch.device("cuda")
+def case(k: int, d: int, repeats: int, torchjd, device: torch.device, methods: list[str]) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(k * 1000 + d % 997)
     j = torch.randn(k, d, generator=gen).to(device)
     w = torch.rand(k, generator=gen).to(device)
     g = (j.double() @ j.double().T)
     rows = []
-    for method in METHODS:
+    for method in methods:
         opts = options(method, k)
         if method == "krum" and k < 3:
             continue
         stateful = gradagg.methods()[method].stateful
         weighting = gradagg.methods()[method].weighting
-        row = {"method": method, "K": k, "D": d, "device": torch.cuda.get_device_name()}
+        row = {"method": method, "K": k, "D": d, "device": _device_name(device)}
 
         def make(solver, method=method, opts=opts, stateful=stateful):
             state = gradagg.init(method, k, device=device) if stateful else None
@@ -114,17 +124,21 @@ def case(k: int, d: int, repeats: int, torchjd) -> list[dict]:
         fns = {"gram": lambda: j @ j.T, "combine": lambda: w @ j, "triton_s": eager, "host_s": host}
         try:
             torch._dynamo.reset()
+            state = gradagg.init(method, k, device=device) if stateful else None
+            # Compiled without the solver context (traced once under it; every timed call runs in it).
+            compiled = torch.compile(lambda x=j, m=method, o=opts, s=state: gradagg.aggregate(
+                x, m, state=s, check_finite=False, **o), fullgraph=True)
             with gradagg.use_solver("triton"):
-                compiled = torch.compile(make("triton"), fullgraph=True)
                 compiled()
             fns["compiled_s"] = compiled
         except Exception as exc:  # reported, not hidden
             row["compiled_error"] = f"{type(exc).__name__}: {exc}"[:160]
-        try:
-            with gradagg.use_solver("triton"):
-                fns["graph_s"] = _graphed(make("triton"))
-        except Exception as exc:
-            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:160]
+        if device.type == "cuda":
+            try:
+                with gradagg.use_solver("triton"):
+                    fns["graph_s"] = _graphed(make("triton"))
+            except Exception as exc:
+                row["graph_error"] = f"{type(exc).__name__}: {exc}"[:160]
         if torchjd is not None and method in torchjd:
             agg = torchjd[method](k)
             try:
@@ -145,6 +159,10 @@ def case(k: int, d: int, repeats: int, torchjd) -> list[dict]:
     return rows
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter, smoke run)"
+
+
 def table(rows: list[dict]) -> str:
     cols = ["floor_s", "triton_s", "compiled_s", "graph_s", "host_s", "torchjd_s", "stage_s"]
     head = "| K | D | method | " + " | ".join(c.removesuffix("_s") + " (µs)" for c in cols) + " | ops | triton/floor |"
@@ -163,18 +181,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--ks", default="2,8,32,64")
     parser.add_argument("--ds", default="1000000,10000000")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU tensors through Triton's interpreter")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    ks, ds, repeats, methods = args.ks, args.ds, args.repeats, METHODS
+    if args.smoke:
+        device = torch.device("cpu")
+        ks, ds, repeats, methods = "3", "500", 2, ["mean", "mgda", "nash_mtl", "trimmed_mean"]
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
         print("no CUDA device: nothing measured")
         return []
     torchjd = _torchjd_factories()
     rows = []
-    for d in (int(v) for v in args.ds.split(",")):
-        for k in (int(v) for v in args.ks.split(",")):
-            rows += case(k, d, args.repeats, torchjd)
+    for d in (int(v) for v in ds.split(",")):
+        for k in (int(v) for v in ks.split(",")):
+            rows += case(k, d, repeats, torchjd, device, methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{table(rows)}\n"
+    text = f"Device: {_device_name(device)}, torch {torch.__version__}\n\n{table(rows)}\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(text)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import bench
 
 
@@ -13,3 +15,16 @@ def test_bench_smoke(tmp_path):
     assert len(saved) == len(rows)
     assert "| K | D | method |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "time_vs_k.png").stat().st_size > 1000
+
+
+def test_cuda_bench_smoke(tmp_path):
+    """The CUDA benchmark end to end at tiny sizes on CPU tensors (Triton's interpreter), so that
+    it runs on the first GPU it meets; no timing is asserted."""
+    pytest.importorskip("triton")
+    from benchmarks import cuda
+
+    rows = cuda.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["mean", "mgda", "nash_mtl", "trimmed_mean"]
+    assert all(r["triton_s"] > 0 and r["host_s"] > 0 and r["floor_s"] > 0 for r in rows)
+    assert all(r["ops"] is not None and r["ops"] <= 60 for r in rows)
+    assert "| K | D | method |" in (tmp_path / "results.md").read_text()
