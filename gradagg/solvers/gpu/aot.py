@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel, without a GPU.
 
-    python -m gradagg.solvers.gpu.aot [--sizes 8,32] [module or kernel name ...]
+    python -m gradagg.solvers.gpu.aot [--sizes 8,32] [--jobs N] [module or kernel name ...]
 
 
 Compiles each kernel of ``KERNELS`` with ``triton.compile`` for sm_80 and sm_90 at every padded K
@@ -11,7 +11,9 @@ exits non-zero on a failure, or on spills at K ≤ 32. Must run without ``TRITON
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -82,33 +84,41 @@ def compile_one(kernel: Kernel, kp: int, capability: int) -> tuple[int, int]:
     return regs, spills
 
 
+def _report(task: tuple[str, int, int]) -> tuple[str, bool]:
+    """One compilation (run in a worker process): its line of the report and whether it failed."""
+    name, capability, kp = task
+    kernel = dict(kernels())[name]
+    try:
+        regs, spills = compile_one(kernel, kp, capability)
+    except Exception as err:  # reported, then the exit status says it
+        return f"FAIL {name} sm_{capability} K={kp}: {type(err).__name__}: {str(err)[:400]}", True
+    bad = bool(spills) and kp <= NO_SPILL_K
+    return f"{'FAIL' if bad else 'ok  '} {name} sm_{capability} K={kp}: {regs} registers, {spills} bytes spilled", bad
+
+
 def main(argv: list[str]) -> int:
+    """Arguments: ``--sizes 8,32`` (padded K), ``--jobs N`` (worker processes, default: the CPU
+    count), then module or kernel names to compile only those."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
-    sizes = SIZES
-    if "--sizes" in argv:
-        at = argv.index("--sizes")
-        sizes = tuple(int(v) for v in argv[at + 1].split(","))
-        argv = argv[:at] + argv[at + 2:]
-    only = set(argv)
-    failed = 0
-    for name, kernel in kernels():
-        if only and not any(o in name for o in only):
-            continue
-        for capability in CAPABILITIES:
-            for kp in sizes:
-                try:
-                    regs, spills = compile_one(kernel, kp, capability)
-                except Exception as err:  # reported, then the exit status says it
-                    print(f"FAIL {name} sm_{capability} K={kp}: {type(err).__name__}: {str(err)[:400]}")
-                    failed += 1
-                    continue
-                bad = spills and kp <= NO_SPILL_K
-                failed += bool(bad)
-                print(f"{'FAIL' if bad else 'ok  '} {name} sm_{capability} K={kp}: {regs} registers, "
-                      f"{spills} bytes spilled")
-    return 1 if failed else 0
+    options = {"--sizes": ",".join(map(str, SIZES)), "--jobs": str(os.cpu_count() or 1)}
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg in options:
+            options[arg] = next(args)
+        else:
+            rest.append(arg)
+    sizes = [int(v) for v in options["--sizes"].split(",")]
+    tasks = [(name, capability, kp) for name, _ in kernels() if not rest or any(o in name for o in rest)
+             for capability in CAPABILITIES for kp in sizes]
+    with concurrent.futures.ProcessPoolExecutor(int(options["--jobs"]),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_report, tasks))
+    for line, _ in results:
+        print(line)
+    return 1 if any(bad for _, bad in results) else 0
 
 
 if __name__ == "__main__":
