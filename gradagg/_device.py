@@ -75,9 +75,11 @@ def interpreting() -> bool:
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether triton imports (it comes with torch's CUDA wheels; CPU installs need not have it)."""
+    """Whether triton imports (it comes with torch's CUDA wheels; CPU installs need not have it) and
+    torch registers Triton operators (``torch.library.triton_op``, torch ≥ 2.6)."""
     try:
         import triton  # noqa: F401
+        from torch.library import triton_op, wrap_triton  # noqa: F401
     except ImportError:
         return False
     return True
@@ -89,14 +91,15 @@ def placement(t: torch.Tensor) -> Placement:
     if t.device.type == "cpu":  # (the host route runs there too when asked for: its copies are no-ops)
         if _setting == "host":
             return "host"
-        return "triton" if _setting == "triton" and k <= MAX_K and interpreting() else "cpu"
+        return "triton" if _setting == "triton" and k <= MAX_K and interpreting() and triton_available() else "cpu"
     if _setting == "host" or k > MAX_K or t.device.type != "cuda":
         return "host"
     if _setting == "triton" or TRITON_VERIFIED:
         if not triton_available():
             if _setting == "triton":
-                raise RuntimeError("GRADAGG_SOLVER=triton, but triton does not import; install the triton that "
-                                   "your torch build requires, or use GRADAGG_SOLVER=host")
+                raise RuntimeError("GRADAGG_SOLVER=triton, but triton does not import or this torch has no "
+                                   "torch.library.triton_op (torch ≥ 2.6); install the triton that your torch build "
+                                   "requires, or use GRADAGG_SOLVER=host")
             return "host"
         return "triton"
     return "host"

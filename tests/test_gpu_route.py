@@ -15,7 +15,7 @@ from gradagg import _device
 
 from asserts import options_for
 
-pytest.importorskip("triton")
+pytest.importorskip("gradagg.solvers.gpu.nnqp")  # triton, and torch ≥ 2.6 for triton_op
 from gradagg.solvers.gpu.census import Census
 
 pytestmark = pytest.mark.skipif(not _device.interpreting() and not torch.cuda.is_available(),
