@@ -43,6 +43,8 @@ class Kernel:
 
 
 def kernels() -> Iterator[tuple[str, Kernel]]:
+    """(name, kernel) for every entry of the modules' ``AOT`` lists; a kernel compiled in several
+    variants (constexpr flags) is named with them, e.g. ``newton._barrier_kernel[NASH=True]``."""
     for name in MODULES:
         try:
             module = importlib.import_module(f"gradagg.solvers.gpu.{name}")
@@ -51,7 +53,8 @@ def kernels() -> Iterator[tuple[str, Kernel]]:
                 raise
             continue
         for kernel in module.AOT:
-            yield f"{name}.{kernel.fn.__name__}", kernel
+            flags = ",".join(f"{k}={v}" for k, v in kernel.constexprs.items() if isinstance(v, bool))
+            yield f"{name}.{kernel.fn.__name__}" + (f"[{flags}]" if flags else ""), kernel
 
 
 def ptxas() -> str:
@@ -84,10 +87,10 @@ def compile_one(kernel: Kernel, kp: int, capability: int) -> tuple[int, int]:
     return regs, spills
 
 
-def _report(task: tuple[str, int, int]) -> tuple[str, bool]:
+def _report(task: tuple[int, int, int]) -> tuple[str, bool]:
     """One compilation (run in a worker process): its line of the report and whether it failed."""
-    name, capability, kp = task
-    kernel = dict(kernels())[name]
+    index, capability, kp = task
+    name, kernel = list(kernels())[index]
     try:
         regs, spills = compile_one(kernel, kp, capability)
     except Exception as err:  # reported, then the exit status says it
@@ -111,8 +114,8 @@ def main(argv: list[str]) -> int:
         else:
             rest.append(arg)
     sizes = [int(v) for v in options["--sizes"].split(",")]
-    tasks = [(name, capability, kp) for name, _ in kernels() if not rest or any(o in name for o in rest)
-             for capability in CAPABILITIES for kp in sizes]
+    tasks = [(index, capability, kp) for index, (name, _) in enumerate(kernels())
+             if not rest or any(o in name for o in rest) for capability in CAPABILITIES for kp in sizes]
     with concurrent.futures.ProcessPoolExecutor(int(options["--jobs"]),
                                                 mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_report, tasks))
