@@ -22,36 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import gradagg
-from benchmarks.bench import METHODS, _torchjd_factories, options
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-        fn()
-    _sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if len(times[name]) >= 3 and sum(times[name]) > 20.0:
-                continue
-            start = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+from benchmarks.bench import METHODS, _torchjd_factories, median_times, options
 
 
 def _graphed(fn):
@@ -147,7 +124,7 @@ def case(k: int, d: int, repeats: int, torchjd, device: torch.device, methods: l
             except Exception as exc:
                 row["torchjd_error"] = f"{type(exc).__name__}: {exc}"[:160]
         with gradagg.use_solver("triton"):
-            medians = _timed(fns, repeats)
+            medians = median_times(fns, repeats, device)
             if weighting:
                 state = gradagg.init(method, k, device=device) if stateful else None
                 row["stage_s"] = _stage_time(g, method, opts, state)
