@@ -57,21 +57,85 @@ def task_jacobian(losses_fn: Callable[..., torch.Tensor], params: dict[str, torc
     return jac, losses
 
 
+def _module_in_traceback(model: torch.nn.Module, exc: BaseException) -> str | None:
+    """Qualified name of the innermost submodule of ``model`` whose call ``exc`` went through."""
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
 def model_jacobian(model: torch.nn.Module, inputs: Any, losses_fn: Callable[[Any], torch.Tensor], *,
                    chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(J, losses) for the trainable parameters of ``model``: ``losses_fn(model(*inputs)) -> [K]``.
 
-    ``inputs`` is a tensor or a tuple of positional inputs. Buffers (batch-norm statistics) are
-    passed through unchanged. J's keys are ``model.named_parameters()`` names.
+    ``inputs`` is a tensor or a tuple of positional inputs. J's keys are ``model.named_parameters()``
+    names. The forward runs once, whatever ``chunk_size``, so a dropout mask is shared by all tasks
+    and buffers end as one ordinary ``model(*inputs)`` leaves them: in train mode, batch norm
+    normalises with the batch statistics and updates its running statistics and
+    ``num_batches_tracked`` once. (The forward runs on copies of the buffers; their new values are
+    written back once J is computed, so an error leaves the buffers as they were.)
+
+    Raises:
+        ValueError: for a module whose forward mutates in place a tensor that is neither a
+            parameter nor a buffer (torch.func cannot run it), naming the module.
     """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
+    state = {name: b.detach().clone() for name, b in buffers.items()}
     args = inputs if isinstance(inputs, tuple) else (inputs,)
 
-    def losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return losses_fn(torch.func.functional_call(model, {**p, **buffers}, args))
+    def buffer_now(name: str) -> Any:
+        prefix, _, leaf = name.rpartition(".")
+        return getattr(model.get_submodule(prefix), leaf)
 
-    return task_jacobian(losses, params, chunk_size=chunk_size)
+    def losses(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        # b (the copies, given to jacrev as inputs so that torch.func lets the forward update them
+        # in place) is read back at the end of the forward, which also sees buffers it reassigns.
+        after = dict(b)
+
+        def read_buffers(*_: Any) -> None:
+            after.update((name, buffer_now(name)) for name in b)
+
+        handle = model.register_forward_hook(read_buffers) if b else None
+        try:
+            out = torch.func.functional_call(model, {**p, **b}, args)
+        finally:
+            if handle is not None:
+                handle.remove()
+        values = _check_losses(losses_fn(out))
+        detached = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in after.items()}
+        return values, (values.detach(), detached)
+
+    try:
+        jac, (values, after) = torch.func.jacrev(losses, has_aux=True, chunk_size=chunk_size)(params, state)
+    except RuntimeError as exc:
+        name = _module_in_traceback(model, exc) if "mutate a captured Tensor" in str(exc) else None
+        if name is None:
+            raise
+        what = f"module {name!r}" if name else "the model's own forward"
+        raise ValueError(
+            f"model_jacobian: {what} ({type(model.get_submodule(name)).__name__}) mutates in place a tensor that is "
+            f"neither a parameter nor a buffer of the model, which torch.func cannot run ({exc}). Register that "
+            f"tensor as a buffer (register_buffer) so that model_jacobian updates it as an ordinary forward would, "
+            f"call model.eval() if it changes only in train mode, or compute J from an ordinary forward with "
+            f"gradagg.autograd_jacobian(losses_fn(model(*inputs)), model)") from exc
+    with torch.no_grad():
+        for name, new in after.items():
+            old = buffers[name]
+            if not (isinstance(new, torch.Tensor) and new.shape == old.shape and new.dtype == old.dtype
+                    and new.device == old.device):
+                prefix, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(prefix), leaf, new)
+            elif not torch.equal(new, old):
+                old.copy_(new)
+    return jac, values
 
 
 def _named(params: Params) -> tuple[list[torch.Tensor], list[str] | None, bool]:
