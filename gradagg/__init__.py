@@ -19,6 +19,7 @@ from ._api import (
 )
 from ._config import Config, from_config
 from ._device import get_solver, set_solver, use_solver
+from ._jacfree import gramian_of
 from ._registry import MethodInfo
 from .solvers._loop import SolverError
 from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
@@ -44,6 +45,7 @@ __all__ = [
     "get_solver",
     "gramian",
     "gramian_noise",
+    "gramian_of",
     "init",
     "is_weighting",
     "methods",

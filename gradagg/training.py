@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ._api import _shapes, aggregate, is_weighting, weights
+from ._api import _elements, _shapes, aggregate, is_weighting, weights, weights_from_gramian
+from ._jacfree import raw_gramian
 
 Params = Mapping[str, torch.Tensor] | list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.nn.Module
 
@@ -302,20 +303,56 @@ def set_grad(params: Params, grads: Any, *, accumulate: bool = False) -> None:
             p.grad = g.clone()
 
 
-def backward(losses: torch.Tensor, features: torch.Tensor, method: Any = "upgrad", *, weighted_loss: bool = False,
-             **kwargs: Any) -> torch.Tensor:
-    """Aggregates at a shared representation and back-propagates, in one call (MGDA-UB style).
+def _over_parameters(inputs: Any) -> bool:
+    """Whether ``backward`` takes the parameter route: a Module, a Parameter, or a collection of
+    tensors. A plain Tensor is the shared representation of the representation-level route."""
+    if isinstance(inputs, torch.Tensor):
+        return isinstance(inputs, torch.nn.Parameter)
+    if isinstance(inputs, (torch.nn.Module, Mapping)):
+        return True
+    return isinstance(inputs, Iterable) and not isinstance(inputs, str)
 
-    ``features`` is the shared representation z = encoder(x) and ``losses`` [K] the task losses
-    computed from it by the task heads. The Jacobian of the losses with respect to z is
-    aggregated into d = ∂/∂z (``kwargs`` go to ``gradagg.aggregate``), then one backward pass
+
+def _needs_losses(method: Any, options: dict[str, Any]) -> bool:
+    return (any(m.uses_losses for m, _ in _elements(method, {}))
+            or options.get("grad_normalizer") in ("loss", "loss+"))
+
+
+def backward(losses: torch.Tensor, inputs: Any, method: Any = "upgrad", *, weighted_loss: bool = False,
+             batch_dim: int | None = None, scaler: Any = None, **kwargs: Any) -> torch.Tensor:
+    """Combines the K losses' gradients with ``method`` and back-propagates the result, in one call.
+
+    **Parameters** (``inputs`` a Module, a Parameter, or an iterable or dict of tensors): the
+    Gramian G = J Jᵀ of the losses' Jacobian with respect to ``inputs`` comes from
+    ``gradagg.gramian_of`` (J is never formed), the method's weights w from G
+    (``gradagg.weights_from_gramian``, ``kwargs`` are its options: ``state=``, ``generator=``,
+    ``normalize=``, the method's options), and one ordinary backward pass of Σ_i w_i L_i writes
+    d = Σ_i w_i ∇L_i into ``.grad`` (accumulating, as ``Tensor.backward`` does). Every tensor of the
+    graph that requires grad receives the gradient of Σ_i w_i L_i, parameters outside ``inputs``
+    included. ``batch_dim=0`` declares one loss per example (see ``gramian_of``). With a
+    ``torch.amp.GradScaler`` as ``scaler``, the losses are scaled for the backward passes (so that
+    float16 gradients do not underflow), G is divided by the scale's square before weighting, and
+    ``.grad`` holds the scaled d for ``scaler.step``; an overflow gives non-finite gradients, which
+    the scaler skips. Methods that act per coordinate (graddrop, trimmed_mean) need J itself and
+    are refused: use ``gradagg.aggregate`` on a Jacobian.
+
+    **Representation level** (``inputs`` a Tensor: the shared representation z = encoder(x) from
+    which heads computed the losses, MGDA-UB style): the Jacobian of the losses with respect to z
+    is aggregated into d = ∂/∂z (``kwargs`` go to ``gradagg.aggregate``), then one backward pass
     sends d into the encoder while each head receives its own task's gradient, as the old hook
-    did. Returns the weights w [K] (weighting methods) or d (graddrop, trimmed mean).
-
-    With ``weighted_loss=True`` (weighting methods only) it runs ``(w · losses).sum().backward()``
+    did. With ``weighted_loss=True`` (weighting methods only) it runs ``(w · losses).sum().backward()``
     instead: the same encoder gradient, but each head's gradient is scaled by its w_i.
+
+    Returns the weights w [K] (float64) of weighting methods, or d (graddrop, trimmed mean, at the
+    representation level).
     """
     losses = _check_losses(losses)
+    if _over_parameters(inputs):
+        return _parameter_backward(losses, inputs, method, batch_dim, scaler, kwargs)
+    if batch_dim is not None or scaler is not None:
+        raise ValueError("batch_dim and scaler apply when inputs are parameters (a Module, a Parameter, or a "
+                         "collection of tensors), not to a representation-level backward")
+    features = inputs
     if not isinstance(features, torch.Tensor) or not features.requires_grad:
         raise ValueError("features must be a Tensor that requires grad (the shared representation z)")
     jac = autograd_jacobian(losses, [features], retain_graph=True)[0]
@@ -334,3 +371,26 @@ def backward(losses: torch.Tensor, features: torch.Tensor, method: Any = "upgrad
     # adds d − Σ_i g_i at z, so the encoder receives exactly d.
     torch.autograd.backward([losses.sum(), features], [None, (combined - jac.sum(0)).detach()])
     return result
+
+
+def _parameter_backward(losses: torch.Tensor, inputs: Any, method: Any, batch_dim: int | None, scaler: Any,
+                        options: dict[str, Any]) -> torch.Tensor:
+    if not is_weighting(method):
+        name = method if isinstance(method, str) else "this chain"
+        raise ValueError(f"{name!r} acts coordinate by coordinate on J, so it needs the Jacobian itself, which "
+                         f"backward over parameters never forms (it weights the losses from their Gramian). "
+                         f"Compute J (gradagg.autograd_jacobian or model_jacobian), combine it with "
+                         f"gradagg.aggregate(jac, {name!r}) and write it with gradagg.set_grad")
+    if options.get("losses") is None and _needs_losses(method, options):
+        options["losses"] = losses.detach()
+    scaled = losses
+    if scaler is not None:
+        scaled = scaler.scale(losses)
+        scale = scaler.scale(torch.ones((), dtype=torch.float64, device=losses.device))
+        options.setdefault("check_finite", False)  # an overflow is the scaler's to skip, not an error
+    g, noise = raw_gramian(scaled, inputs, batch_dim=batch_dim, retain_graph=True)
+    if scaler is not None:
+        g = g / scale.to(torch.float64).square()
+    w = weights_from_gramian(g, method, noise=noise, **options)
+    scaled.backward(w.to(scaled.dtype))
+    return w
