@@ -43,6 +43,7 @@ demo: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --out bench-out
+	$(BIN)/python -m benchmarks.memory --out bench-out
 
 bench-cuda: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

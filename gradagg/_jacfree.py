@@ -48,6 +48,8 @@ _PRODUCTS = {"AddmmBackward0": "_saved_mat1", "MmBackward0": "_saved_self"}
 _PASS = ("TBackward0", "ToCopyBackward0")
 # The most rows of a product's input X that are factored (QR of Xᵀ); beyond, a weight's K gradients are formed.
 _MAX_ROWS = 2048
+# Entries of the rows formed at a time from a product's output gradients (4 MiB of float32).
+_BLOCK = 1 << 20
 _BATCH_NORM = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
 
 
@@ -247,17 +249,20 @@ class _Roots(dict):
         return self[key][1]
 
 
-def _product_rows(x: torch.Tensor, delta: torch.Tensor, alpha: float, dtype: torch.dtype,
-                  roots: _Roots) -> torch.Tensor:
-    """Rows whose Gramian is that of J_k(W) = α Xᵀ Δ_k (x: rows x in, delta: K x rows x out): the
-    K gradients themselves, or R Δ_k (Xᵀ = Q R), whichever is smaller."""
+def _fold_product_rows(x: torch.Tensor, delta: torch.Tensor, alpha: float, total: _Sum) -> None:
+    """Adds the Gramian of J_k(W) = α Xᵀ Δ_k (x: rows x in, delta: K x rows x out), from the K
+    gradients themselves or from R Δ_k (Xᵀ = Q R), whichever is smaller, formed a block of
+    output columns at a time so that no more than ``_BLOCK`` entries exist beside Δ."""
+    dtype = total.dtype
     n, width = x.shape
-    delta = _as(delta, dtype)
-    if width <= n or n > _MAX_ROWS:
-        rows = torch.matmul(delta.transpose(1, 2), _as(x, dtype))
-    else:
-        rows = torch.matmul(roots.of(x, dtype), delta)
-    return rows * alpha if alpha != 1 else rows
+    k, _, out = delta.shape
+    direct = width <= n or n > _MAX_ROWS
+    left = _as(x, dtype) if direct else total.roots.of(x, dtype)
+    step = max(1, _BLOCK // (k * left.shape[1 if direct else 0]))
+    for start in range(0, out, step):
+        d = _as(delta[..., start:start + step], dtype)
+        rows = torch.matmul(d.transpose(1, 2), left) if direct else torch.matmul(left, d)
+        total.rows(rows * alpha if alpha != 1 else rows)
 
 
 def _unbatcher() -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -337,7 +342,7 @@ def _fold_product(f: _Factor, delta: torch.Tensor, total: _Sum) -> None:
     """Task route: the Gramian of one product's weight from Δ [K, rows, out]."""
     x = getattr(f.node, _PRODUCTS[type(f.node).__name__])
     alpha = float(getattr(f.node, "_saved_alpha", 1))
-    total.rows(_product_rows(x, delta, alpha, total.dtype, total.roots))
+    _fold_product_rows(x, delta, alpha, total)
 
 
 # --- the per-example pass --------------------------------------------------------------------------
