@@ -150,7 +150,7 @@ class _Factor:
 
     node: Any
     weight: torch.Tensor
-    kind: str  # "product" or "conv"
+    kind: str  # "product", "embedding" or "conv"
     bias: torch.Tensor | None = None
     runs: bool = False  # whether the engine executes the node anyway (else its input is captured)
 
@@ -176,6 +176,10 @@ def _factors(graph: _Graph, wanted: dict[int, str], examples: int | None) -> lis
                     b = _leaf_behind(graph, edges[0][0])
                     bias = b if b is not None and id(b) in wanted and b.dim() == 1 else None
             found.append(_Factor(node, weight, "product", bias))
+        elif name == "EmbeddingBackward0" and examples is None and edges[0][0] is not None:
+            weight = _leaf_behind(graph, edges[0][0])
+            if weight is not None and id(weight) in wanted and not bool(node._saved_sparse):
+                found.append(_Factor(node, weight, "embedding"))
         elif name == "ConvolutionBackward0" and examples is not None and len(edges) == 3:
             weight = None if edges[1][0] is None else _leaf_behind(graph, edges[1][0])
             if weight is None or id(weight) not in wanted or bool(node._saved_transposed):
@@ -339,10 +343,33 @@ def _batched_pass(losses: torch.Tensor, items: list[tuple[str, torch.Tensor]], f
 
 
 def _fold_product(f: _Factor, delta: torch.Tensor, total: _Sum) -> None:
-    """Task route: the Gramian of one product's weight from Δ [K, rows, out]."""
+    """Task route: the Gramian of one product's weight from Δ [K, rows, out], or of an embedding
+    table's from the gradients of its looked-up rows."""
+    if f.kind == "embedding":
+        _fold_embedding(f.node, delta, total)
+        return
     x = getattr(f.node, _PRODUCTS[type(f.node).__name__])
     alpha = float(getattr(f.node, "_saved_alpha", 1))
     _fold_product_rows(x, delta, alpha, total)
+
+
+def _fold_embedding(node: Any, delta: torch.Tensor, total: _Sum) -> None:
+    """J_k(E) has a row per distinct index: the sum of task k's output gradients at its lookups
+    (each divided by the index's count with ``scale_grad_by_freq``; none at ``padding_idx``). Its
+    Gramian needs only those U rows, not the table's V. (Finding the distinct indices reads their
+    number: one synchronisation on an accelerator.)"""
+    k = delta.shape[0]
+    idx = node._saved_indices.reshape(-1)
+    d = _as(delta, total.dtype).reshape(k, idx.numel(), -1)
+    pad = int(node._saved_padding_idx)
+    if pad >= 0:
+        keep = idx != pad
+        idx, d = idx[keep], d[:, keep]
+    unique, inverse, counts = torch.unique(idx, return_inverse=True, return_counts=True)
+    if bool(node._saved_scale_grad_by_freq):
+        d = d / counts[inverse].to(d.dtype)[:, None]
+    rows = d.new_zeros(k, unique.numel(), d.shape[-1]).index_add_(1, inverse, d)
+    total.rows(rows)
 
 
 # --- the per-example pass --------------------------------------------------------------------------

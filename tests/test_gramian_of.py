@@ -425,3 +425,20 @@ def test_compiled_forward():
     with pytest.raises(RuntimeError, match="backend='aot_eager'"):
         gradagg.gramian_of(losses, model)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_embedding_tables(padding_idx, scale_grad_by_freq, batch_dim):
+    """An embedding's task gradients live on the looked-up rows only; repeated indices, the
+    padding index and the frequency scaling as torch's own embedding backward has them."""
+    torch.manual_seed(16)
+    embed = nn.Embedding(50, 6, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq).double()
+    head = nn.Linear(6, 3).double()
+    tokens = torch.tensor([[1, 2, 2, 0], [0, 3, 1, 1], [4, 4, 4, 2]])
+    out = head(torch.tanh(embed(tokens)).mean(1)).pow(2)  # [B, 3]
+    losses = out.mean(0) if batch_dim is None else out.mean(1)  # per task, or per example
+    params = [embed.weight, *head.parameters()]
+    g = gradagg.gramian_of(losses, params, batch_dim=batch_dim, retain_graph=True)
+    assert_gramian(g, loop_gramian(losses, params), torch.float64)
