@@ -102,6 +102,7 @@ class _Graph:
     children: dict[int, list[Any]] = field(default_factory=dict)
     entering: dict[int, int] = field(default_factory=dict)
     leaves: dict[int, Any] = field(default_factory=dict)  # id(leaf tensor) -> its AccumulateGrad node
+    slots: dict[tuple[int, int], int] = field(default_factory=dict)  # (id(node), input) -> edges entering it
 
     def target(self, t: torch.Tensor) -> int:
         """The id of the node where the gradient of ``t`` is captured."""
@@ -117,6 +118,9 @@ def _walk(root: Any) -> _Graph:
         node = stack.pop()
         kids = [child for child, _ in node.next_functions if child is not None]
         graph.children[id(node)] = kids
+        for child, nr in node.next_functions:
+            if child is not None:
+                graph.slots[(id(child), nr)] = graph.slots.get((id(child), nr), 0) + 1
         if not kids and type(node).__name__ == "AccumulateGrad":
             graph.leaves[id(node.variable)] = node
         for child in kids:
@@ -191,7 +195,7 @@ def _factors(graph: _Graph, wanted: dict[int, str], examples: int | None) -> lis
     return found
 
 
-def _mark_runs(graph: _Graph, targets: set[int], factors: list[_Factor]) -> None:
+def _mark_runs(graph: _Graph, targets: set[int], factors: list[_Factor]) -> dict[int, bool]:
     """Which factored nodes the engine executes: those with an edge leading to a captured input or
     to another factored node (whose gradient must reach it). The others have their input captured."""
     targets = targets | {id(f.node) for f in factors}
@@ -213,6 +217,7 @@ def _mark_runs(graph: _Graph, targets: set[int], factors: list[_Factor]) -> None
             reach[k] = any(id(c) in targets or reach.get(id(c), False) for c in kids)
     for f in factors:
         f.runs = reach[id(f.node)]
+    return reach
 
 
 # --- the Gramian's parts ---------------------------------------------------------------------------
@@ -283,6 +288,47 @@ def _rebatch(t: torch.Tensor) -> torch.Tensor:
     return torch._add_batch_dim(t, 0, level - 1)
 
 
+@dataclass
+class _Pool:
+    """Factored products that are the only consumers of one input X (task heads on a shared
+    representation). The engine would add their K-batched gradients of X out of place (a batched
+    gradient cannot be accumulated in place), holding three copies at once. Instead the first to
+    run lets the engine compute its part, which a hook keeps a view of; the others add theirs into
+    that tensor in place and pass no gradient on, so X's consumer receives the sum in one copy."""
+
+    members: list[_Factor]
+    biases: list[torch.Tensor | None]
+    buffer: torch.Tensor | None = None  # [K·rows, in], the engine's tensor
+
+
+def _pools(graph: _Graph, factors: list[_Factor], reach: dict[int, bool], targets: set[int],
+           wanted: set[int]) -> dict[int, _Pool]:
+    by_input: dict[tuple[int, int], list[tuple[_Factor, torch.Tensor | None]]] = {}
+    for f in factors:
+        name = type(f.node).__name__
+        if f.kind != "product" or not f.runs:
+            continue
+        edges = f.node.next_functions
+        node, nr = edges[1] if name == "AddmmBackward0" else edges[0]
+        if node is None:
+            continue
+        bias = None
+        if name == "AddmmBackward0" and edges[0][0] is not None:
+            bias = _leaf_behind(graph, edges[0][0])
+            if bias is None or bias.dim() != 1:
+                continue  # the bias edge leads elsewhere: the engine must run the node
+            bias = bias if id(bias) in wanted else None
+        by_input.setdefault((id(node), nr), []).append((f, bias))
+    pools = {}
+    for (key, slot), members in by_input.items():
+        if len(members) < 2 or graph.slots.get((key, slot), 0) != len(members):
+            continue
+        if key in targets or not reach.get(key, False):  # X's gradient is captured, or not needed
+            continue
+        pools[key] = _Pool([f for f, _ in members], [b for _, b in members])
+    return pools
+
+
 def _batched_pass(losses: torch.Tensor, items: list[tuple[str, torch.Tensor]], factors: list[_Factor],
                   total: _Sum, graph: _Graph, retain_graph: bool) -> None:
     """One backward pass batched over the K one-hot output gradients: every requested leaf's K x |p|
@@ -292,7 +338,11 @@ def _batched_pass(losses: torch.Tensor, items: list[tuple[str, torch.Tensor]], f
     handled = {id(f.weight) for f in factors}
     plain = [(n, t) for n, t in items if id(t) not in handled]
     targets = {graph.target(t) for _, t in plain}
-    _mark_runs(graph, targets, factors)
+    reach = _mark_runs(graph, targets, factors)
+    captured_nodes = {id(f.node) for f in factors if not f.runs}
+    pools = _pools(graph, factors, reach, targets | captured_nodes, {id(t) for _, t in plain})
+    pooled = {id(b) for pool in pools.values() for b in pool.biases if b is not None}
+    plain = [(n, t) for n, t in plain if id(t) not in pooled]  # their gradients are folded by the pool
     removers: list[Any] = []
     captured: list[_Factor] = []
 
@@ -309,11 +359,51 @@ def _batched_pass(losses: torch.Tensor, items: list[tuple[str, torch.Tensor]], f
             _fold_product(f, _unbatcher()(grad_outputs[0], k), total)
         return hook
 
+    def fold_member(pool: _Pool, i: int) -> Callable[[tuple[torch.Tensor, ...]], Any]:
+        f, bias = pool.members[i], pool.biases[i]
+
+        def hook(grad_outputs: tuple[torch.Tensor, ...]) -> Any:
+            if grad_outputs[0] is None:
+                return None
+            delta = _unbatcher()(grad_outputs[0], k)
+            _fold_product(f, delta, total)
+            node = f.node
+            if bias is not None:  # addmm: β Δ summed over the rows
+                total.rows(delta.sum(1) * float(node._saved_beta))
+            if pool.buffer is None:
+                return None  # the engine computes this one's part of X's gradient (kept by ``keep``)
+            alpha, mat2 = float(getattr(node, "_saved_alpha", 1)), node._saved_mat2.detach()
+            pool.buffer.addmm_(delta.reshape(-1, delta.shape[-1]), mat2.T, alpha=alpha)
+            return (None,)  # added to the engine's own tensor in place: no gradient to pass on
+        return hook
+
+    def keep(pool: _Pool, position: int) -> Callable[[tuple[Any, ...], tuple[Any, ...]], None]:
+        def hook(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
+            grad = grad_inputs[position]
+            if pool.buffer is None and grad is not None:
+                physical = _unbatcher()(grad, k)
+                if physical.is_contiguous():
+                    pool.buffer = physical.view(-1, physical.shape[-1])
+        return hook
+
+    def release(pool: _Pool) -> Callable[[tuple[Any, ...]], None]:
+        def hook(grad_outputs: tuple[Any, ...]) -> None:
+            pool.buffer = None  # X's consumer runs: the engine's tensor is its alone, to free after
+        return hook
+
     try:
+        members = {id(f.node): (pool, i) for pool in pools.values() for i, f in enumerate(pool.members)}
+        for key, pool in pools.items():
+            removers.append(graph.nodes[key].register_prehook(release(pool)))
+            for f in pool.members:
+                position = 1 if type(f.node).__name__ == "AddmmBackward0" else 0
+                removers.append(f.node.register_hook(keep(pool, position)))
         for _, t in plain:
             removers.append(t.register_hook(fold_leaf if t.grad_fn is None else fold_feature))
         for f in factors:
-            if f.runs:
+            if id(f.node) in members:
+                removers.append(f.node.register_prehook(fold_member(*members[id(f.node)])))
+            elif f.runs:
                 removers.append(f.node.register_prehook(fold_product(f)))
             else:
                 captured.append(f)
