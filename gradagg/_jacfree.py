@@ -11,13 +11,16 @@ autograd graph the forward pass left, without changing the model and without hoo
   parameter's K x |p| block exists at a time. A weight that enters a matrix product once, as
   ``x @ W`` or ``x @ Wᵀ`` (``nn.Linear``), never gets even that: its task gradients are
   ``J_k(W) = Xᵀ Δ_k`` for the product's input X (rows x in) and the task's output gradient Δ_k
-  (rows x out), whence ``<J_k(W), J_l(W)> = <Δ_k, (X Xᵀ) Δ_l>``. With ``X Xᵀ = L Lᵀ`` that is
-  the Gramian of the rows ``Lᵀ Δ_k`` (r x out, r = rank X), which is used where it is smaller than
-  W; the engine then skips W's gradient altogether.
+  (rows x out), whence ``<J_k(W), J_l(W)> = <Δ_k, (X Xᵀ) Δ_l>``. With the QR factorisation
+  ``Xᵀ = Q R`` that is the Gramian of the rows ``R Δ_k`` (rows x out), used where it is smaller
+  than W; the engine then skips W's gradient altogether. An embedding table's task gradients are
+  folded from its looked-up rows only. Heads that are the only consumers of one representation
+  add their batched gradients of it in place (``_Pool``), where autograd would add them out of
+  place.
 * **Examples (``batch_dim=0``, instance-wise risk minimisation).** Where losses[b] depends only on
   example b, one plain backward pass of Σ_b L_b gives every example's output gradient at once
-  (row b of Δ), and the per-example Gramian of a product's weight is ``(X Xᵀ) ⊙ (Δ Δᵀ)`` (summed
-  over the other rows of an example, e.g. its tokens), that of a bias ``Δ Δᵀ``; a convolution's
+  (row b of Δ), and the per-example Gramian of a product's weight is ``(X Xᵀ) ⊙ (Δ Δᵀ)`` where
+  X has one row per example, that of its bias ``Δ Δᵀ``; a convolution's
   per-example weight gradients are formed one layer at a time. Parameters used any other way take
   the batched pass above, restricted to them. Batch normalisation in train mode mixes the examples
   and is refused with the module's name.

@@ -126,8 +126,9 @@ def test_multi_task_mlp(dtype, inplace, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch_dim", [None, 0])
-def test_per_example_cnn(dtype, batch_dim):
-    model = SmallCNN().to(dtype)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_per_example_cnn(dtype, batch_dim, dropout):
+    model = SmallCNN(dropout=dropout).to(dtype)
     x, y = cnn_data(dtype)
     losses = F.cross_entropy(model(x), y, reduction="none")
     g = gradagg.gramian_of(losses, model, batch_dim=batch_dim, retain_graph=True)
