@@ -20,8 +20,9 @@ autograd graph the forward pass left, without changing the model and without hoo
 * **Examples (``batch_dim=0``, instance-wise risk minimisation).** Where losses[b] depends only on
   example b, one plain backward pass of Σ_b L_b gives every example's output gradient at once
   (row b of Δ), and the per-example Gramian of a product's weight is ``(X Xᵀ) ⊙ (Δ Δᵀ)`` where
-  X has one row per example, that of its bias ``Δ Δᵀ``; a convolution's
-  per-example weight gradients are formed one layer at a time. Parameters used any other way take
+  X has one row per example (summed over an example's rows where X flattens [B, T, in]), that of
+  its bias ``Δ Δᵀ``; a layer norm's per-example affine gradients come from its saved statistics,
+  and a convolution's per-example weight gradients are formed one layer at a time. Parameters used any other way take
   the batched pass above, restricted to them. Batch normalisation in train mode mixes the examples
   and is refused with the module's name.
 
@@ -33,6 +34,7 @@ by the engine before it reaches G.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,16 +159,15 @@ class _Factor:
 
     node: Any
     weight: torch.Tensor
-    kind: str  # "product", "embedding" or "conv"
+    kind: str  # "product", "embedding", "conv" or "layer_norm"
     bias: torch.Tensor | None = None
     runs: bool = False  # whether the engine executes the node anyway (else its input is captured)
 
 
 def _factors(graph: _Graph, wanted: dict[int, str], examples: int | None) -> list[_Factor]:
-    """The products (and, per example, convolutions) whose weight is handled from Δ and X. Per
-    example (``examples`` = K), a product only where its input has one row per example: rows
-    grouped otherwise (a sequence's tokens, a recurrent layer's time-major steps) may belong to the
-    examples in an order the graph does not show, so those weights take the batched pass."""
+    """The nodes whose weight (and bias) is handled from Δ and what the node saved: matrix products
+    and embeddings per task; matrix products, convolutions and layer norms per example (``examples``
+    = K), where the rows of their inputs are known to be grouped by example (``_per_example_rows``)."""
     found = []
     for node in graph.nodes.values():
         name = type(node).__name__
@@ -177,7 +178,7 @@ def _factors(graph: _Graph, wanted: dict[int, str], examples: int | None) -> lis
                 continue
             bias = None
             if examples is not None:
-                if getattr(node, _PRODUCTS[name]).shape[0] != examples:
+                if _per_example_rows(getattr(node, _PRODUCTS[name]), examples) is None:
                     continue
                 if name == "AddmmBackward0" and edges[0][0] is not None:
                     b = _leaf_behind(graph, edges[0][0])
@@ -187,6 +188,13 @@ def _factors(graph: _Graph, wanted: dict[int, str], examples: int | None) -> lis
             weight = _leaf_behind(graph, edges[0][0])
             if weight is not None and id(weight) in wanted and not bool(node._saved_sparse):
                 found.append(_Factor(node, weight, "embedding"))
+        elif name == "NativeLayerNormBackward0" and examples is not None and len(edges) == 3:
+            if node._saved_input.shape[0] != examples:
+                continue
+            affine = [None if e is None else _leaf_behind(graph, e) for e, _ in edges[1:]]
+            weight, b = (t if t is not None and id(t) in wanted else None for t in affine)
+            if weight is not None:
+                found.append(_Factor(node, weight, "layer_norm", b))
         elif name == "ConvolutionBackward0" and examples is not None and len(edges) == 3:
             weight = None if edges[1][0] is None else _leaf_behind(graph, edges[1][0])
             if weight is None or id(weight) not in wanted or bool(node._saved_transposed):
@@ -196,6 +204,20 @@ def _factors(graph: _Graph, wanted: dict[int, str], examples: int | None) -> lis
             b = None if edges[2][0] is None else _leaf_behind(graph, edges[2][0])
             found.append(_Factor(node, weight, "conv", b if b is not None and id(b) in wanted else None))
     return found
+
+
+def _per_example_rows(x: torch.Tensor, k: int) -> int | None:
+    """How many rows of a product's 2-D input X belong to each of the K examples, where that is
+    known: K rows (one each), or K·T rows that flatten a contiguous [K, T, ...] tensor (a
+    sequence's tokens, example by example). Rows grouped any other way (a recurrent layer's
+    time-major steps, a copy that the graph does not relate to the batch) give None."""
+    if x.shape[0] == k:
+        return 1
+    base = x._base
+    if (base is None or base.dim() < 3 or base.shape[0] != k or not base.is_contiguous() or not x.is_contiguous()
+            or x.data_ptr() != base.data_ptr() or x.numel() != base.numel()):
+        return None
+    return x.shape[0] // k
 
 
 def _mark_runs(graph: _Graph, targets: set[int], factors: list[_Factor]) -> dict[int, bool]:
@@ -474,10 +496,26 @@ def _fold_example(f: _Factor, delta: torch.Tensor, total: _Sum, k: int) -> None:
     if f.kind == "product":
         x = getattr(node, _PRODUCTS[type(node).__name__])
         alpha = float(getattr(node, "_saved_alpha", 1))
-        x, d = _as(x, dtype), _as(delta, dtype)  # one row per example
-        total.add((x @ x.T).to(torch.float64) * (d @ d.T).to(torch.float64) * alpha**2)
+        t = _per_example_rows(x, k)  # (checked when the factor was made)
+        x, d = _as(x, dtype), _as(delta, dtype)
+        n, width, out = x.shape[0], x.shape[1], d.shape[1]
+        if t == 1 or n * n <= k * width * out:  # G_bb' = Σ over b's rows r, b''s rows r' of (X Xᵀ ⊙ Δ Δᵀ)_rr'
+            both = (x @ x.T).to(torch.float64) * (d @ d.T).to(torch.float64)
+            total.add(both.view(k, t, k, t).sum((1, 3)) * alpha**2 if t > 1 else both * alpha**2)
+        else:  # each example's weight gradient Σ_r Δ_rᵀ X_r
+            total.rows(torch.matmul(d.view(k, t, out).transpose(1, 2), x.view(k, t, width)) * alpha)
         if f.bias is not None:
-            total.rows(d)
+            total.rows(d.view(k, t, out).sum(1) * float(getattr(node, "_saved_beta", 1)))
+        return
+    if f.kind == "layer_norm":
+        x = _as(node._saved_input, torch.float64 if dtype == torch.float64 else torch.float32)
+        mean, rstd = node._saved_result1.detach(), node._saved_result2.detach()
+        width = math.prod(node._saved_normalized_shape)
+        d = _as(delta, x.dtype).reshape(k, -1, width)
+        normalised = ((x - mean) * rstd).reshape(k, -1, width)
+        total.rows((d * normalised).sum(1).to(dtype))
+        if f.bias is not None:
+            total.rows(d.sum(1).to(dtype))
         return
     x = node._saved_input.detach()
     weight = node._saved_weight.detach()
@@ -580,7 +618,10 @@ def gramian_of(losses: torch.Tensor, inputs: Inputs, *, batch_dim: int | None = 
             features).
         batch_dim: None for any losses. 0 asserts that losses[b] depends only on the b-th example,
             the examples leading every tensor of the forward pass (no batch normalisation in train
-            mode, which is refused); the Gramian then costs about one backward pass.
+            mode, which is refused). Linear layers (on [B, in] or [B, T, in] inputs), convolutions
+            and layer norms are then folded from one plain backward pass, and the Gramian costs
+            about one backward pass; the other parameters take the batched pass. A tensor of your
+            own that puts another dimension first ([T, B, D]) breaks the assertion.
         retain_graph: keep the graph for another backward pass (``gradagg.backward`` does).
 
     Returns:

@@ -443,3 +443,43 @@ def test_embedding_tables(padding_idx, scale_grad_by_freq, batch_dim):
     params = [embed.weight, *head.parameters()]
     g = gradagg.gramian_of(losses, params, batch_dim=batch_dim, retain_graph=True)
     assert_gramian(g, loop_gramian(losses, params), torch.float64)
+
+
+class TinyEncoder(nn.Module):
+    """Tokens → embedding → layer norm → a Linear per token (a [B, T, D] input) → mean over tokens."""
+
+    def __init__(self, time_major=False):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+        self.time_major = time_major
+
+    def forward(self, tokens):
+        h = self.norm(self.embed(tokens))
+        if self.time_major:  # [T, B, D]: the rows of the product are not grouped by example
+            h = torch.tanh(self.mix(h.transpose(0, 1).contiguous())).transpose(0, 1)
+        else:
+            h = torch.tanh(self.mix(h))
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_example_sequences(time_major, dtype, monkeypatch):
+    """Per example, a Linear over a sequence's tokens and a layer norm are folded from the plain
+    pass; a product whose rows are time-major is not (the graph does not say whose rows they are)
+    and takes the batched pass, exact either way."""
+    torch.manual_seed(17)
+    model = TinyEncoder(time_major).to(dtype)
+    tokens, y = torch.randint(0, 20, (5, 4)), torch.randint(0, 3, (5,))
+    losses = F.cross_entropy(model(tokens), y, reduction="none")
+    batched = []
+    original = gradagg._jacfree._batched_pass
+    monkeypatch.setattr(gradagg._jacfree, "_batched_pass",
+                        lambda losses, items, *a: (batched.extend(n for n, _ in items), original(losses, items, *a))[1])
+    g = gradagg.gramian_of(losses, model, batch_dim=0, retain_graph=True)
+    assert_gramian(g, loop_gramian(losses, list(model.parameters())), dtype)
+    expected = {"embed.weight"} | ({"mix.weight", "mix.bias"} if time_major else set())
+    assert set(batched) == expected
