@@ -9,6 +9,7 @@ without the leading K.
 from ._api import (
                    NonFiniteError,
                    aggregate,
+                   cross_gramian,
                    gramian,
                    gramian_noise,
                    init,
@@ -41,6 +42,7 @@ __all__ = [
     "aggregate",
     "autograd_jacobian",
     "backward",
+    "cross_gramian",
     "from_config",
     "get_solver",
     "gramian",

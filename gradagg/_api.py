@@ -268,6 +268,10 @@ def _new_plan(method: Any, k: int, device: torch.device, normalize: Any, generat
         if generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but jac is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
+    crossed = [m.name for m, _ in elements if m.uses_cross]
+    if crossed and len(elements) > 1:
+        raise ValueError(f"{crossed[0]!r} weights a cross-Gramian of two batches and cannot be chained with other "
+                         f"methods")
     steps = [_Step(m, resolve_options(m, opts, k)) for m, opts in elements]
     tail = None
     for i, step in enumerate(steps):
@@ -279,11 +283,12 @@ def _new_plan(method: Any, k: int, device: torch.device, normalize: Any, generat
     norm = None if grad_normalizer in (None, "none") else grad_normalizer
     if norm is not None and not steps:
         raise ValueError(f"grad_normalizer applies to weighting methods, not to {tail.method.name!r} alone")
-    needs = next((f"method {s.method.name!r}" for s in steps if s.method.uses_losses), None)
+    every = steps + ([tail] if tail is not None else [])
+    needs = next((f"method {s.method.name!r}" for s in every if s.method.uses_losses), None)
     if norm in ("loss", "loss+"):
         needs = needs or f"grad_normalizer={norm!r}"
     plan = _Plan(steps, tail, norm, _check_losses(losses, k, needs), generator)
-    _bind_states(steps, state, k, device)
+    _bind_states(every, state, k, device)
     return plan
 
 
@@ -546,7 +551,7 @@ def _host_route(t: torch.Tensor) -> bool:
 
 def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: CheckFinite,
                 compute: Callable[[_Plan | None, Gram], list[torch.Tensor]],
-                given: tuple[torch.Tensor, float] | None = None) -> list[torch.Tensor]:
+                given: tuple[torch.Tensor, float] | None = None, raw: bool = False) -> list[torch.Tensor]:
     """Runs ``compute(plan, gram)`` on the host and returns its tensors on the leaves' device.
 
     The raw Gramian is formed on the device, then copied to the host in one transfer together with
@@ -556,7 +561,8 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
     is the call's one synchronisation (a second one only where the Gramian must be formed again,
     rescaled, because its float32 accumulation overflowed). The C solvers then run as on the CPU,
     the states are written back, and the results return in one more transfer. ``given`` is a
-    (Gramian, noise) pair to use instead of the leaves' (``leaves`` is then [that Gramian]).
+    (Gramian, noise) pair to use instead of the leaves' (``leaves`` is then [that Gramian]); with
+    ``raw`` it is used as it is (a cross-Gramian: not symmetrised, not cleaned).
     """
     detached = [leaf.detach() for leaf in leaves]
     device = detached[0].device
@@ -592,7 +598,10 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
         generator = torch.Generator().manual_seed(int(rest.pop(0))) if seeded else plan.generator
         plan = dataclasses.replace(plan, steps=[_Step(s.method, s.options, states.get(id(s))) for s in plan.steps],
                                    losses=losses, generator=generator)
-    gram = prepared(raw_h, dtype, noise, None if given else lambda: rescaled(detached, dtype).to("cpu"))
+    if raw:
+        gram = Gram(raw_h, noise, None, bool(torch.isfinite(raw_h).all()))
+    else:
+        gram = prepared(raw_h, dtype, noise, None if given else lambda: rescaled(detached, dtype).to("cpu"))
     if _eager_checks(check_finite, detached[0], free=True):
         if gram.finite is None:
             gram = gram._replace(finite=bool(torch.isfinite(torch.diagonal(gram.g)).all()))
@@ -616,7 +625,7 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
 def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
               generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
               grad_normalizer: Normalizer = None, check_finite: CheckFinite = None, group: Any = None,
-              **options: Any) -> Any:
+              cross: Any = None, **options: Any) -> Any:
     """Combines K task gradients into one: ``d = Σ_i w_i g_i`` for a weighting method.
 
     Args:
@@ -643,6 +652,10 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         group: a ``torch.distributed`` process group whose ranks each hold some columns (parameter
             shards) of J: the K x K Gramian is all-reduced and each rank returns its shard of the
             result. See ``gradagg.distributed``.
+        cross: for the methods that weight a cross-Gramian (``uses_cross`` in ``gradagg.methods()``:
+            sdmgrad, modo): ``(jac_a, jac_b)``, the Jacobians of two independent mini-batches with
+            jac's structure, or their cross-Gramian ``gradagg.cross_gramian(jac_a, jac_b)``. ``jac``
+            is then the Jacobian the step combines (a third batch, or the two batches' mean).
         **options: the method's options, see ``gradagg.methods()``.
 
     Returns:
@@ -654,12 +667,16 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     packed = _pack(leaves, k)
     if packed is not None:  # a small pytree: one [K, D] buffer costs less than a dispatch per leaf
         d = aggregate(packed, method, normalize=normalize, generator=generator, state=state, losses=losses,
-                      grad_normalizer=grad_normalizer, check_finite=check_finite, group=group, **options)
+                      grad_normalizer=grad_normalizer, check_finite=check_finite, group=group, cross=cross,
+                      **options)
         return _unflatten(_unpack(d, leaves, k), tree)
     device = leaves[0].device
     plan = _make_plan(method, k, device, normalize, generator, state, losses, grad_normalizer, options)
     plan, group = _distribute(plan, group, device)
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
+    if cross is not None or _crossed(plan):
+        w = _cross_weights(plan, cross, leaves, normalize, check_finite, group)
+        return _unflatten(_combine(w, leaves, dtype, group)[0], tree)
     if plan.tail is None:
         if plan.simple and plan.steps[0].method.fixed and normalize is None:
             w, formed = _fixed_weights(plan.steps[0].method, k, device), False
@@ -689,7 +706,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     gen = plan.generator
     if group is not None and plan.tail.method.random:  # per-coordinate draws: a stream per rank
         gen = distributed.coordinate_generator(gen, group, device)
-    ctx = Context(generator=gen, losses=plan.losses)
+    ctx = Context(generator=gen, losses=plan.losses, state=plan.tail.state)
     combined = plan.tail.method.combine(rows, ctx, **plan.tail.options)
     if normalize == "sum":
         original = [_rows(leaf, dtype) for leaf in leaves]
@@ -733,7 +750,7 @@ def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: An
 def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
             grad_normalizer: Normalizer = None, check_finite: CheckFinite = None, group: Any = None,
-            **options: Any) -> torch.Tensor:
+            cross: Any = None, **options: Any) -> torch.Tensor:
     """The weights w [K] such that ``aggregate`` returns Σ_i w_i g_i (weighting methods and chains).
 
     Takes the same arguments as ``aggregate`` and advances a state the same way. Returns a
@@ -744,6 +761,8 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
     plan, group = _distribute(plan, group, leaves[0].device)
+    if cross is not None or _crossed(plan):
+        return _cross_weights(plan, cross, leaves, normalize, check_finite, group)
     return _weights(leaves, plan, normalize, check_finite, group)[0]
 
 
@@ -777,6 +796,8 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     plan = _make_plan(method, k, gramian.device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
     g = gramian.detach().to(torch.float64)
+    if _crossed(plan):
+        return _weights_from_cross(plan, g, float(noise), normalize, check_finite)
     if _host_route(g):
         return _host_stage([g], plan, check_finite, lambda p, gram: [_from_gramian(p, gram, normalize)],
                            given=(g, float(noise)))[0]
@@ -788,6 +809,100 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
 
 def _from_gramian(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tensor:
     return _weights_from_g(plan, gram, normalize) + 0.0 * gram.g.sum()
+
+
+def _crossed(plan: _Plan) -> bool:
+    return bool(plan.steps) and plan.steps[0].method.uses_cross
+
+
+def _cross_weights(plan: _Plan, cross: Any, leaves: list[torch.Tensor], normalize: Normalize,
+                   check_finite: CheckFinite, group: Any) -> torch.Tensor:
+    """The weights of a cross-Gramian method, from ``cross`` (two Jacobians or their A)."""
+    k = leaves[0].shape[0]
+    if not _crossed(plan):
+        names = ", ".join(n for n, m in all_methods().items() if m.uses_cross)
+        raise ValueError(f"cross= is for the methods that weight a cross-Gramian of two batches ({names}); "
+                         f"this method weights the Gramian of jac")
+    name = plan.steps[0].method.name
+    if cross is None:
+        raise ValueError(f"{name!r} weights the cross-Gramian A = J_a J_bᵀ of two independent mini-batches: pass "
+                         f"cross=(jac_a, jac_b), their Jacobians, or cross=gradagg.cross_gramian(jac_a, jac_b); "
+                         f"jac is the Jacobian of the step")
+    if isinstance(cross, torch.Tensor):
+        if cross.shape != (k, k):
+            raise ValueError(f"cross= as a Tensor is the K x K cross-Gramian; expected shape ({k}, {k}), got "
+                             f"{tuple(cross.shape)}")
+        a, noise = cross.detach().to(device=leaves[0].device, dtype=torch.float64), default_noise(cross.dtype)
+    elif isinstance(cross, (tuple, list)) and len(cross) == 2:
+        a_leaves, b_leaves = _cross_pair(cross[0], cross[1])
+        if a_leaves[0].shape[0] != k:
+            raise ValueError(f"cross= holds Jacobians with K={a_leaves[0].shape[0]} rows, but jac has K={k}")
+        a, noise = _cross_products(a_leaves, b_leaves), noise_of([x.detach() for x in a_leaves])
+        if group is not None:
+            a = distributed.all_reduce_sum(a, group)
+    else:
+        raise TypeError(f"cross= must be a pair (jac_a, jac_b) or a K x K Tensor, got {type(cross).__name__}")
+    return _weights_from_cross(plan, a, noise, normalize, check_finite)
+
+
+def _weights_from_cross(plan: _Plan, a: torch.Tensor, noise: float, normalize: Normalize,
+                        check_finite: CheckFinite) -> torch.Tensor:
+    if normalize is not None:
+        raise ValueError(f"normalize={normalize!r} rescales by the Gramian of jac, which a cross-Gramian method "
+                         f"does not form; rescale the result yourself")
+    if plan.normalizer is not None:
+        raise ValueError("grad_normalizer divides the rows of G, which a cross-Gramian method does not form")
+
+    def compute(p: _Plan | None, gram: Gram) -> list[torch.Tensor]:
+        step = p.steps[0]
+        ctx = Context(generator=p.generator, state=step.state, losses=p.losses, noise=gram.noise)
+        w = step.method.weighting(gram.g, ctx, **step.options)
+        return [w + 0.0 * gram.g.sum()]  # non-finite A never gives finite weights
+
+    if _host_route(a) or _device.on_triton(a):  # (no kernel: one round trip to the host)
+        return _host_stage([a], plan, check_finite, compute, given=(a, noise), raw=True)[0]
+    if _eager_checks(check_finite, a) and not bool(torch.isfinite(a).all()):
+        raise NonFiniteError("the cross-Gramian holds NaN or Inf; pass check_finite=False to skip this check")
+    return compute(plan, Gram(a, noise))[0]
+
+
+def _cross_pair(jac_a: Any, jac_b: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    a_leaves, a_tree, _ = _flatten(jac_a)
+    b_leaves, b_tree, _ = _flatten(jac_b)
+    if a_tree != b_tree or len(a_leaves) != len(b_leaves):
+        raise ValueError("the two Jacobians of a cross-Gramian must have one structure (the same parameters)")
+    for i, (x, y) in enumerate(zip(a_leaves, b_leaves)):
+        if x.shape != y.shape or x.device != y.device:
+            raise ValueError(f"leaf {i} of the two Jacobians differs: {tuple(x.shape)} on {x.device} vs "
+                             f"{tuple(y.shape)} on {y.device}")
+    return a_leaves, b_leaves
+
+
+def _cross_products(a_leaves: list[torch.Tensor], b_leaves: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l J_a,l J_b,lᵀ in float64, from products over chunks of ``CHUNK`` columns in the
+    accumulation dtype (the rounding of ``gramian``)."""
+    from ._numerics import CHUNK
+
+    dtype = accumulation_dtype([x.dtype for x in a_leaves] + [y.dtype for y in b_leaves])
+    k = a_leaves[0].shape[0]
+    total = torch.zeros(k, k, dtype=torch.float64, device=a_leaves[0].device)
+    for x, y in zip(a_leaves, b_leaves):
+        rx, ry = _rows(x.detach(), dtype), _rows(y.detach(), dtype)
+        for start in range(0, rx.shape[1], CHUNK):
+            total += (rx[:, start:start + CHUNK] @ ry[:, start:start + CHUNK].T).to(torch.float64)
+    return total
+
+
+def cross_gramian(jac_a: Any, jac_b: Any) -> torch.Tensor:
+    """The K x K cross-Gramian A = J_a J_bᵀ = Σ_leaves J_a,l J_b,lᵀ of two Jacobians with one structure
+    (the same parameters, two independent mini-batches), in float64 on their device.
+
+    A_ij = <g_i(batch a), g_j(batch b)> is an unbiased estimate of <∇L_i, ∇L_j> where the batches
+    are independent, which the Gramian of one batch is not. It is neither symmetric nor positive
+    semidefinite, and is used as it is (sdmgrad, modo: ``aggregate(jac, method, cross=...)``).
+    """
+    a_leaves, b_leaves = _cross_pair(jac_a, jac_b)
+    return _cross_products(a_leaves, b_leaves)
 
 
 def gramian(jac: Any, *, check_finite: CheckFinite = None, group: Any = None) -> torch.Tensor:
@@ -819,7 +934,10 @@ def init(method: Any, num_tasks: int, *, device: torch.device | str | None = Non
     stateful methods in chain order when it has several.
     """
     elements = _elements(method, {})
-    states = [m.state_class(num_tasks, device=device, dtype=dtype) for m, _ in elements if m.stateful]
+    # A state whose layout depends on the method's options (a wrapper's inner method) is built from them.
+    states = [m.state_class.from_options(opts, num_tasks, device=device, dtype=dtype)
+              if hasattr(m.state_class, "from_options") else m.state_class(num_tasks, device=device, dtype=dtype)
+              for m, opts in elements if m.stateful]
     if not states:
         names = ", ".join(m.name for m, _ in elements)
         raise ValueError(f"{names} {'is' if len(elements) == 1 else 'are'} stateless and needs no state; stateful "

@@ -51,6 +51,9 @@ class Method:
     state_class: type | None = None
     uses_gramian: bool = True
     uses_losses: bool = False
+    #: The weighting reads a cross-Gramian A = J_a J_bᵀ of two independent batches (``cross=``) in
+    #: place of G: neither symmetric nor cleaned, and the method cannot be chained.
+    uses_cross: bool = False
     #: For per-task transforms that are not row scalings: ``transform(G, ctx, **opts) -> T`` with
     #: J' = T J (K x K). Any other weighting acts in a chain as T = diag(w).
     transform: Callable[..., torch.Tensor] | None = None
@@ -73,7 +76,8 @@ class Method:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """What ``gradagg.methods()`` reports about a method (``uses_losses``: it needs ``losses=``)."""
+    """What ``gradagg.methods()`` reports about a method (``uses_losses``: it needs ``losses=``;
+    ``uses_cross``: it needs ``cross=``, two independent batches' Jacobians)."""
 
     name: str
     aliases: tuple[str, ...]
@@ -84,6 +88,7 @@ class MethodInfo:
     summary: str
     source: str = field(repr=False)
     uses_losses: bool = False
+    uses_cross: bool = False
 
 
 _METHODS: dict[str, Method] = {}
@@ -123,6 +128,7 @@ def info(method: Method) -> MethodInfo:
         summary=method.summary,
         source=method.source,
         uses_losses=method.uses_losses,
+        uses_cross=method.uses_cross,
     )
 
 

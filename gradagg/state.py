@@ -145,3 +145,60 @@ class NashMTLState(State):
 
     method: ClassVar[str] = "nash_mtl"
     fields: ClassVar[Fields] = {"alpha": (("K",), 0.0, False), "step": ((), 0, True)}
+
+
+class WideState(State):
+    """A state that also holds K x D tensors (``wide`` fields): one [K, D_l] tensor per leaf of the
+    Jacobian, as large as J. They are allocated at the first call, zero, in the dtype and on the
+    device of J's rows, and a later call with other leaf widths is refused (D cannot change during
+    a run). ``state_dict`` holds them as lists, so a checkpoint resumes exactly."""
+
+    wide: ClassVar[tuple[str, ...]] = ()
+
+    def reset(self) -> State:
+        super().reset()
+        self.widths: tuple[int, ...] | None = None
+        for name in self.wide:
+            setattr(self, name, None)
+        return self
+
+    def bind(self, rows: list[torch.Tensor]) -> None:
+        """Allocates the wide fields for J's rows [K, D_l], or checks that they fit them."""
+        widths = tuple(int(r.shape[1]) for r in rows)
+        if self.widths is None:
+            self.widths = widths
+            for name in self.wide:
+                setattr(self, name, [torch.zeros(self.num_tasks, w, dtype=r.dtype, device=r.device)
+                                     for w, r in zip(widths, rows)])
+        elif widths != self.widths:
+            raise ValueError(f"this {self.method!r} state holds K x D tensors for leaves of widths "
+                             f"{list(self.widths)}, but this Jacobian's leaves have widths {list(widths)}; D cannot "
+                             f"change during a run: create a new state with gradagg.init")
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["widths"] = self.widths
+        for name in self.wide:
+            value = getattr(self, name)
+            out[name] = None if value is None else [t.detach().clone() for t in value]
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> State:
+        super().load_state_dict(state_dict)
+        widths = state_dict.get("widths")
+        self.widths = None if widths is None else tuple(widths)
+        for name in self.wide:
+            value = state_dict.get(name)
+            if (value is None) != (widths is None) or (value is not None and len(value) != len(widths)):
+                raise ValueError(f"state_dict[{name!r}] does not match its widths {widths}")
+            setattr(self, name, None if value is None else
+                    [torch.as_tensor(t).to(self._device).clone() for t in value])
+        return self
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        super().to(device, dtype)
+        for name in self.wide:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [t.to(self._device) for t in value])
+        return self
