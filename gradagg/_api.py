@@ -551,7 +551,7 @@ def _host_route(t: torch.Tensor) -> bool:
 
 def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: CheckFinite,
                 compute: Callable[[_Plan | None, Gram], list[torch.Tensor]],
-                given: tuple[torch.Tensor, float] | None = None, raw: bool = False) -> list[torch.Tensor]:
+                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]:
     """Runs ``compute(plan, gram)`` on the host and returns its tensors on the leaves' device.
 
     The raw Gramian is formed on the device, then copied to the host in one transfer together with
@@ -562,7 +562,7 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
     rescaled, because its float32 accumulation overflowed). The C solvers then run as on the CPU,
     the states are written back, and the results return in one more transfer. ``given`` is a
     (Gramian, noise) pair to use instead of the leaves' (``leaves`` is then [that Gramian]); with
-    ``raw`` it is used as it is (a cross-Gramian: not symmetrised, not cleaned).
+    ``as_is`` it is used as it is (a cross-Gramian: not symmetrised, not cleaned).
     """
     detached = [leaf.detach() for leaf in leaves]
     device = detached[0].device
@@ -598,7 +598,7 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
         generator = torch.Generator().manual_seed(int(rest.pop(0))) if seeded else plan.generator
         plan = dataclasses.replace(plan, steps=[_Step(s.method, s.options, states.get(id(s))) for s in plan.steps],
                                    losses=losses, generator=generator)
-    if raw:
+    if as_is:
         gram = Gram(raw_h, noise, None, bool(torch.isfinite(raw_h).all()))
     else:
         gram = prepared(raw_h, dtype, noise, None if given else lambda: rescaled(detached, dtype).to("cpu"))
@@ -860,7 +860,7 @@ def _weights_from_cross(plan: _Plan, a: torch.Tensor, noise: float, normalize: N
         return [w + 0.0 * gram.g.sum()]  # non-finite A never gives finite weights
 
     if _host_route(a) or _device.on_triton(a):  # (no kernel: one round trip to the host)
-        return _host_stage([a], plan, check_finite, compute, given=(a, noise), raw=True)[0]
+        return _host_stage([a], plan, check_finite, compute, given=(a, noise), as_is=True)[0]
     if _eager_checks(check_finite, a) and not bool(torch.isfinite(a).all()):
         raise NonFiniteError("the cross-Gramian holds NaN or Inf; pass check_finite=False to skip this check")
     return compute(plan, Gram(a, noise))[0]

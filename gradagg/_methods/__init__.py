@@ -5,18 +5,25 @@ from . import (
     basic,
     cagrad,
     config,
+    crmogm,
+    cross,
+    db_mtl,
     dual_cone,
     elementwise,
+    excess_mtl,
     fairgrad,
     gradnorm,
     gradvac,
     imtl_g,
     krum,
     mgda,
+    moco,
     nash_mtl,
     nsgd,
+    pcd,
     pcgrad,
 )
 
-__all__ = ["aligned_mtl", "basic", "cagrad", "config", "dual_cone", "elementwise", "fairgrad", "gradnorm", "gradvac",
-           "imtl_g", "krum", "mgda", "nash_mtl", "nsgd", "pcgrad"]
+__all__ = ["aligned_mtl", "basic", "cagrad", "config", "crmogm", "cross", "db_mtl", "dual_cone", "elementwise",
+           "excess_mtl", "fairgrad", "gradnorm", "gradvac", "imtl_g", "krum", "mgda", "moco", "nash_mtl", "nsgd", "pcd",
+           "pcgrad"]
