@@ -22,6 +22,7 @@ from ._config import Config, from_config
 from ._device import get_solver, set_solver, use_solver
 from ._jacfree import gramian_of
 from ._registry import MethodInfo
+from .scalarization import scalarizations, scalarize
 from .solvers._loop import SolverError
 from .state import GradNormLossState, GradNormState, GradVacState, NashMTLState, NSGDState, State
 from .training import autograd_jacobian, backward, model_jacobian, set_grad, stack_gradients, task_jacobian
@@ -52,6 +53,8 @@ __all__ = [
     "is_weighting",
     "methods",
     "model_jacobian",
+    "scalarizations",
+    "scalarize",
     "set_grad",
     "set_solver",
     "stack_gradients",

@@ -926,13 +926,23 @@ def gramian_noise(jac: Any) -> float:
 
 
 def init(method: Any, num_tasks: int, *, device: torch.device | str | None = None,
-         dtype: torch.dtype = torch.float64) -> Any:
+         dtype: torch.dtype = torch.float64, **options: Any) -> Any:
     """A fresh state for a stateful method, to pass to ``aggregate``/``weights`` as ``state=``.
 
     Without ``device`` the state is placed on the device of the first Jacobian it is used with.
     For a chain, returns the state of its one stateful method, or a tuple of the states of its
-    stateful methods in chain order when it has several.
+    stateful methods in chain order when it has several. A loss weighting's name (see
+    ``gradagg.scalarizations()``) gives its state for ``gradagg.scalarize``, with ``options`` the
+    state's own (famo's ``lr``, uw's ``init``, ...).
     """
+    if isinstance(method, str) and method.lower() not in _registered_names():
+        from . import scalarization
+
+        if method.lower() in scalarization.known_names():
+            return scalarization.init_state(method, num_tasks, device=device, dtype=dtype, **options)
+    if options:
+        raise ValueError(f"gradagg.init takes options only for loss weightings; a gradient method's options go to "
+                         f"aggregate (for a wrapper such as crmogm, pass (name, options)); got {sorted(options)}")
     elements = _elements(method, {})
     # A state whose layout depends on the method's options (a wrapper's inner method) is built from them.
     states = [m.state_class.from_options(opts, num_tasks, device=device, dtype=dtype)
@@ -943,6 +953,12 @@ def init(method: Any, num_tasks: int, *, device: torch.device | str | None = Non
         raise ValueError(f"{names} {'is' if len(elements) == 1 else 'are'} stateless and needs no state; stateful "
                          f"methods: {', '.join(n for n, m in all_methods().items() if m.stateful)}")
     return states[0] if len(states) == 1 else tuple(states)
+
+
+def _registered_names() -> set[str]:
+    from ._registry import _ALIASES
+
+    return set(_ALIASES)
 
 
 def is_weighting(method: Any) -> bool:

@@ -102,14 +102,19 @@ def register(method: Method) -> Method:
     return method
 
 
+def unknown(kind: str, name: str, valid: Sequence[str]) -> ValueError:
+    """The error for an unknown name, with the closest valid one and the list."""
+    close = difflib.get_close_matches(name.lower(), list(valid), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(sorted(valid))}.")
+
+
 def lookup(name: object) -> Method:
     if not isinstance(name, str):
         raise TypeError(f"method must be a string, got {type(name).__name__}: {name!r}")
     key = name.lower()
     if key not in _ALIASES:
-        close = difflib.get_close_matches(key, list(_ALIASES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown method {name!r}.{hint} Valid methods: {', '.join(sorted(_ALIASES))}.")
+        raise unknown("method", name, list(_ALIASES))
     return _METHODS[_ALIASES[key]]
 
 
