@@ -176,6 +176,8 @@ class _Plan:
 def _elements(method: Any, options: dict[str, Any]) -> list[tuple[Method, dict[str, Any]]]:
     if isinstance(method, str):
         return [(lookup(method), options)]
+    if isinstance(method, tuple) and len(method) == 2 and isinstance(method[0], str) and isinstance(method[1], dict):
+        method = [method]  # one (name, options) pair, as in init(("crmogm", {"inner": "nash_mtl"}), K)
     if isinstance(method, (list, tuple)):
         if not method:
             raise ValueError("method is an empty sequence; give at least one method (\"sum\" for the plain sum)")
@@ -519,7 +521,7 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
     to d. The weights combined are w with those components dropped."""
     k, device = leaves[0].shape[0], leaves[0].device
     formed = plan.uses_gramian or normalize is not None
-    if formed and group is None and _host_route(leaves[0]):
+    if formed and group is None and _host_route(leaves[0], plan):
         w, combined = _host_stage(leaves, plan, check_finite, lambda p, gram: _weights_on(p, gram, normalize))
         return w, combined, True
     gram = _checked_gramian(leaves, check_finite, group) if formed else Gram(_zero_gramian(k, device), 0.0, None, True)
@@ -544,9 +546,21 @@ def _projector(gram: Gram) -> torch.Tensor:
 # --- the host route: the K x K stage of an accelerator call in C, one device-to-host copy ----------
 
 
-def _host_route(t: torch.Tensor) -> bool:
-    """Whether an eager call runs its K x K stage on the host route (``_device.placement``)."""
-    return not torch.compiler.is_compiling() and _device.placement(t) == "host"
+def _host_route(t: torch.Tensor, plan: _Plan | None = None) -> bool:
+    """Whether an eager call runs its K x K stage on the host route (``_device.placement``): also
+    on the Triton route where a method of the plan has no kernel there."""
+    if torch.compiler.is_compiling():
+        return False
+    where = _device.placement(t)
+    return where == "host" or (where == "triton" and plan is not None and not _has_kernels(plan))
+
+
+def _has_kernels(plan: _Plan) -> bool:
+    def ok(method: Method, options: dict[str, Any]) -> bool:
+        inner = options.get("inner")  # a wrapper (crmogm) runs its inner method's stage
+        return method.kernel and (inner is None or not hasattr(inner, "method") or inner.method.kernel)
+
+    return all(ok(step.method, step.options) for step in plan.steps)
 
 
 def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: CheckFinite,
@@ -697,7 +711,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         return _unflatten(out, tree)
     rows = [_rows(leaf, dtype) for leaf in leaves]
     if plan.steps or plan.normalizer is not None:
-        if group is None and _host_route(leaves[0]):
+        if group is None and _host_route(leaves[0], plan):
             c = _host_stage(leaves, plan, check_finite, lambda p, gram: [_coefficients(p, gram.g, gram.noise)])[0]
         else:
             gram = _gramian_and_finite(leaves, check_finite, group)
@@ -706,7 +720,14 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     gen = plan.generator
     if group is not None and plan.tail.method.random:  # per-coordinate draws: a stream per rank
         gen = distributed.coordinate_generator(gen, group, device)
-    ctx = Context(generator=gen, losses=plan.losses, state=plan.tail.state)
+    if plan.tail.state is not None and _eager_checks(check_finite, leaves[0]):
+        # A stateful tail would take NaN into its state before the output check could raise.
+        bad = not bool(torch.stack([torch.isfinite(r).all() for r in rows]).all())
+        if group is not None:
+            bad = distributed.any_flag(bad, group, device)
+        if bad:
+            _raise_non_finite(leaves, group)
+    ctx = Context(generator=gen, losses=plan.losses, state=plan.tail.state, group=group)
     combined = plan.tail.method.combine(rows, ctx, **plan.tail.options)
     if normalize == "sum":
         original = [_rows(leaf, dtype) for leaf in leaves]
@@ -798,7 +819,7 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     g = gramian.detach().to(torch.float64)
     if _crossed(plan):
         return _weights_from_cross(plan, g, float(noise), normalize, check_finite)
-    if _host_route(g):
+    if _host_route(g, plan):
         return _host_stage([g], plan, check_finite, lambda p, gram: [_from_gramian(p, gram, normalize)],
                            given=(g, float(noise)))[0]
     if _eager_checks(check_finite, g) and not bool(torch.isfinite(g).all()):

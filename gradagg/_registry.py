@@ -24,6 +24,9 @@ class Context(NamedTuple):
     losses: torch.Tensor | None = None
     #: δ, the rounding of each entry of G relative to ‖g_i‖‖g_j‖ (see ``_numerics``).
     noise: float = FLOAT64_NOISE
+    #: The process group over whose ranks J's columns are sharded (per-coordinate methods that
+    #: reduce over D all-reduce those sums), or None.
+    group: Any = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class Method:
     #: The weighting reads a cross-Gramian A = J_a J_bᵀ of two independent batches (``cross=``) in
     #: place of G: neither symmetric nor cleaned, and the method cannot be chained.
     uses_cross: bool = False
+    #: The K x K stage has a Triton kernel (``solvers/gpu``). A plan with a method that has none
+    #: takes the host route on CUDA instead of running a solver's iterations as device ops.
+    kernel: bool = True
     #: For per-task transforms that are not row scalings: ``transform(G, ctx, **opts) -> T`` with
     #: J' = T J (K x K). Any other weighting acts in a chain as T = diag(w).
     transform: Callable[..., torch.Tensor] | None = None
@@ -176,11 +182,15 @@ def real_at_least(low: float, strict: bool = False) -> Callable[[str, Any, int],
     return check
 
 
-def real_in(low: float, high: float) -> Callable[[str, Any, int], float]:
+def real_in(low: float, high: float, *, open_low: bool = False, open_high: bool = False
+            ) -> Callable[[str, Any, int], float]:
+    """A real in the interval from ``low`` to ``high``, each end closed unless said open."""
+    span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
     def check(name: str, value: Any, k: int) -> float:
         x = _real(name, value)
-        if not low <= x <= high:
-            raise ValueError(f"option {name!r} must lie in [{low}, {high}], got {x!r}")
+        if x < low or x > high or (open_low and x == low) or (open_high and x == high):
+            raise ValueError(f"option {name!r} must lie in {span}, got {x!r}")
         return x
 
     return check

@@ -150,8 +150,10 @@ class NashMTLState(State):
 class WideState(State):
     """A state that also holds K x D tensors (``wide`` fields): one [K, D_l] tensor per leaf of the
     Jacobian, as large as J. They are allocated at the first call, zero, in the dtype and on the
-    device of J's rows, and a later call with other leaf widths is refused (D cannot change during
-    a run). ``state_dict`` holds them as lists, so a checkpoint resumes exactly."""
+    device of J's rows. A later call with another total width D is refused (D cannot change during
+    a run); one with the same columns split into other leaves (a small pytree is packed into one
+    buffer in eager calls, not in compiled ones) re-splits them. ``state_dict`` holds them as
+    lists, so a checkpoint resumes exactly."""
 
     wide: ClassVar[tuple[str, ...]] = ()
 
@@ -171,9 +173,16 @@ class WideState(State):
                 setattr(self, name, [torch.zeros(self.num_tasks, w, dtype=r.dtype, device=r.device)
                                      for w, r in zip(widths, rows)])
         elif widths != self.widths:
-            raise ValueError(f"this {self.method!r} state holds K x D tensors for leaves of widths "
-                             f"{list(self.widths)}, but this Jacobian's leaves have widths {list(widths)}; D cannot "
-                             f"change during a run: create a new state with gradagg.init")
+            if sum(widths) != sum(self.widths):
+                raise ValueError(f"this {self.method!r} state holds K x D tensors for leaves of widths "
+                                 f"{list(self.widths)}, but this Jacobian's leaves have widths {list(widths)}; "
+                                 f"D cannot change during a run: create a new state with gradagg.init")
+            # The same columns split otherwise: eager ``aggregate`` packs a small pytree into one [K, D]
+            # buffer and a compiled one does not. The columns keep their order, so re-split them.
+            self.widths = widths
+            for name in self.wide:
+                whole = torch.cat(getattr(self, name), 1)
+                setattr(self, name, [part.clone() for part in whole.split(widths, 1)])
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()

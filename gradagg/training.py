@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from ._api import _elements, _shapes, aggregate, is_weighting, weights, weights_from_gramian
 from ._jacfree import raw_gramian
+from ._methods.crmogm import inner_uses_losses
 
 Params = Mapping[str, torch.Tensor] | list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.nn.Module
 
@@ -314,7 +315,10 @@ def _over_parameters(inputs: Any) -> bool:
 
 
 def _needs_losses(method: Any, options: dict[str, Any]) -> bool:
-    return (any(m.uses_losses for m, _ in _elements(method, {}))
+    elements = _elements(method, {})
+    if isinstance(method, str):
+        elements = [(elements[0][0], options)]
+    return (any(m.uses_losses or inner_uses_losses(opts.get("inner")) for m, opts in elements)
             or options.get("grad_normalizer") in ("loss", "loss+"))
 
 
