@@ -16,6 +16,9 @@ DEVICES = [
 
 STATEFUL = sorted(m for m, info in gradagg.methods().items() if info.stateful)
 ALL = sorted(m for m in gradagg.methods() if m not in STATEFUL)  # the stateless methods
+#: The methods that weight a cross-Gramian of two batches (they need cross=; tests/test_cross.py).
+CROSS = sorted(m for m, info in gradagg.methods().items() if info.uses_cross)
+STATEFUL = [m for m in STATEFUL if m not in CROSS]
 WEIGHTINGS = [m for m in ALL if gradagg.methods()[m].weighting]
 RANDOM = [m for m in ALL if gradagg.methods()[m].random]
 DETERMINISTIC_WEIGHTINGS = [m for m in WEIGHTINGS if m not in RANDOM]
@@ -30,7 +33,15 @@ def options_for(method: str, k: int) -> dict:
         return {"f": max(0, min(1, k - 3)), "m": 1} if k >= 3 else None
     if method == "trimmed_mean":
         return {"trim": 1 if k >= 3 else 0}
+    if method == "crmogm":  # a wrapper: its inner method (stateful inners: tests/test_crmogm.py)
+        return {"inner": "upgrad"}
     return {}
+
+
+def init_for(method, k: int, **kwargs):
+    """``gradagg.init`` for a stateful method, with the options its state depends on (crmogm: its inner)."""
+    opts = options_for(method, k) if isinstance(method, str) else None
+    return gradagg.init([(method, opts)], k, **kwargs) if opts else gradagg.init(method, k, **kwargs)
 
 
 def call_ok(method: str, k: int) -> bool:
@@ -86,3 +97,10 @@ class OpLog(TorchDispatchMode):
     def banned(self) -> list[str]:
         return [op for op in self.ops
                 if op.startswith("aten.") and any(b in op for b in self.BANNED) and "_ex" not in op]
+
+
+def losses_for(method, k: int, device="cpu") -> dict:
+    """``losses=`` for the methods that need the task losses (else nothing)."""
+    if isinstance(method, str) and gradagg.methods()[method].uses_losses:
+        return {"losses": torch.linspace(0.5, 2.0, k, dtype=torch.float64, device=device)}
+    return {}

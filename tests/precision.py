@@ -18,7 +18,7 @@ from scipy.optimize import nnls
 
 import gradagg
 
-from asserts import options_for
+from asserts import init_for, options_for
 
 UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 #: float32: the issue's target. bfloat16 and float16: 16 units of their own rounding, which alone
@@ -43,7 +43,7 @@ def run(method, jac: torch.Tensor, seed: int = 0) -> torch.Tensor | None:
     if opts is None:
         return None
     try:
-        state = gradagg.init(method, k)
+        state = init_for(method, k)
     except ValueError:  # stateless
         state = None
     uses_losses = isinstance(method, str) and gradagg.methods()[method].uses_losses

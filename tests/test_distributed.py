@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import gradagg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from asserts import STATEFUL, options_for
+from asserts import CROSS, STATEFUL, init_for, losses_for, options_for
 
 K, D = 5, 23
 CHAINS = [("pcgrad", "nsgd"), ("upgrad", ("trimmed_mean", {"trim": 1}))]
@@ -42,8 +42,9 @@ def gathered(t: torch.Tensor) -> list[torch.Tensor]:
 
 def call(method, jac, state, **kw):
     opts = options_for(method, K) if isinstance(method, str) else {}
-    losses = torch.linspace(0.5, 2.0, K, dtype=torch.float64) if method == "gradnorm_loss" else None
-    return gradagg.aggregate(jac, method, state=state, losses=losses, **opts, **kw)
+    if method in CROSS:  # the cross-Gramian of the shards, all-reduced (two batches: here one, twice)
+        opts["cross"] = (jac, jac)
+    return gradagg.aggregate(jac, method, state=state, **losses_for(method, K), **opts, **kw)
 
 
 def worker(rank: int, world: int, port: int) -> None:
@@ -56,8 +57,8 @@ def worker(rank: int, world: int, port: int) -> None:
         cols = shard(full, rank, world)
         local = {"w": full[:, cols].reshape(K, -1, 1), "b": full[:, cols][:, :0]}  # a pytree, one leaf empty
         for method in sorted(gradagg.methods()) + CHAINS:
-            stateful = method in STATEFUL or (not isinstance(method, str))
-            make_state = (lambda m=method: gradagg.init(m, K)) if stateful and method != CHAINS[1] else (lambda: None)
+            stateful = method in STATEFUL or method in CROSS or not isinstance(method, str)
+            make_state = (lambda m=method: init_for(m, K)) if stateful and method != CHAINS[1] else (lambda: None)
             state_s, state_1 = make_state(), make_state()
             for step in range(2):  # two steps, so that states evolve
                 gen = torch.Generator().manual_seed(10 + step)
@@ -72,10 +73,11 @@ def worker(rank: int, world: int, port: int) -> None:
                     torch.testing.assert_close(got, single[cols], rtol=1e-9, atol=1e-12, msg=str(method))
                 if gradagg.is_weighting(method):
                     gen = torch.Generator().manual_seed(10 + step)
+                    opts = options_for(method, K) if isinstance(method, str) else {}
+                    if method in CROSS:
+                        opts["cross"] = (local, local)
                     w = gradagg.weights(local, method, state=make_state() if stateful else None, generator=gen,
-                                        group=group, **(options_for(method, K) if isinstance(method, str) else {}),
-                                        **({"losses": torch.linspace(0.5, 2.0, K, dtype=torch.float64)}
-                                           if method == "gradnorm_loss" else {}))
+                                        group=group, **opts, **losses_for(method, K))
                     assert all(torch.equal(w, other) for other in gathered(w)), f"weights differ: {method}"
             states = state_s if isinstance(state_s, tuple) else (state_s,)
             for st in states:
@@ -88,14 +90,14 @@ def worker(rank: int, world: int, port: int) -> None:
         # whatever the width of its shard, so weights are bit-identical and the result matches.
         low = (torch.randn(K, 2, dtype=torch.float64) @ torch.randn(2, D, dtype=torch.float64)).float()
         for method in ("imtl_g", "config", "mgda", "upgrad", "nash_mtl", "pcgrad"):
-            state = gradagg.init(method, K) if method in STATEFUL else None
+            state = init_for(method, K) if method in STATEFUL else None
             w = gradagg.weights(low[:, cols], method, state=state, group=group,
                                 generator=torch.Generator().manual_seed(1))
             assert all(torch.equal(w, other) for other in gathered(w)), f"low-rank weights differ: {method}"
-            state = gradagg.init(method, K) if method in STATEFUL else None
+            state = init_for(method, K) if method in STATEFUL else None
             got = gradagg.aggregate(low[:, cols], method, state=state, group=group,
                                     generator=torch.Generator().manual_seed(1))
-            state = gradagg.init(method, K) if method in STATEFUL else None
+            state = init_for(method, K) if method in STATEFUL else None
             single = gradagg.aggregate(low, method, state=state, generator=torch.Generator().manual_seed(1))
             scale = float(low.double().norm(dim=1).max())
             torch.testing.assert_close(got.double(), single[cols].double(), rtol=1e-4, atol=1e-6 * scale,

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import gradagg
 
-from asserts import DEVICES, STATEFUL, options_for
+from asserts import CROSS, DEVICES, STATEFUL, init_for, losses_for, options_for
 from precision import (
     BOUND,
     DEGENERATE_ABS,
@@ -43,7 +43,7 @@ from precision import (
 )
 from strategies import KINDS, Case
 
-METHODS = sorted(gradagg.methods())
+METHODS = sorted(gradagg.methods())  # the cross-Gramian methods get cross=(J, J): one batch, twice
 CHAINS = [("pcgrad", "nsgd"), ("gradvac", "mgda"), (("cagrad", {"c": 1.0}), ("trimmed_mean", {"trim": 1})),
           ("upgrad", "graddrop")]
 # float16 only holds magnitudes in about [6e-5, 6e4]; the wider types take the whole range.
@@ -98,20 +98,20 @@ def jacobians(draw, device):
 
 
 def run(method, jac, k, device, seed: int = 0):
-    stateful = method in STATEFUL or not isinstance(method, str)
+    stateful = method in STATEFUL or method in CROSS or not isinstance(method, str)
     opts = options_for(method, k) if isinstance(method, str) else {}
     if opts is None:
         return None
     state = None
     if stateful:
         try:
-            state = gradagg.init(method, k)
+            state = init_for(method, k)
         except ValueError:  # a chain without stateful members
             state = None
-    losses = torch.linspace(0.5, 2.0, k, dtype=torch.float64, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    return gradagg.aggregate(jac, method, state=state, losses=losses if method == "gradnorm_loss" else None,
-                             generator=gen, **opts)
+    if method in CROSS:
+        opts = {**opts, "cross": (jac, jac)}
+    return gradagg.aggregate(jac, method, state=state, generator=gen, **losses_for(method, k, device), **opts)
 
 
 # --- oracles for the float64 answer --------------------------------------------------------------
@@ -231,16 +231,20 @@ def _cancellation(method, j: np.ndarray, ref: torch.Tensor) -> float:
         trim = options_for(method, len(j))["trim"]
         middle = np.sort(j, 0)[trim: len(j) - trim]
         return float(np.linalg.norm(np.abs(middle).mean(0))) / max(np.linalg.norm(d), 1e-5 * norms.max(), 1e-300)
+    if method == "db_mtl":  # d = Σ α_i B_i, every term of norm max_j ‖B_j‖, B = (1 − β) g/L at the first call
+        losses = np.linspace(0.5, 2.0, len(j))
+        size = len(j) * (1 - 0.9) * float((norms / losses).max())
+        return size / max(np.linalg.norm(d), 1e-5 * norms.max(), 1e-300)
     if not isinstance(method, str) or not gradagg.is_weighting(method):
         return 1.0
     if method in ("nash_mtl", "fairgrad"):  # weights that diverge along null directions: the least-norm ones
         w = np.linalg.lstsq(j.T, d, rcond=None)[0]
     else:
         k = len(j)
-        state = gradagg.init(method, k) if method in STATEFUL else None
-        losses = torch.linspace(0.5, 2.0, k, dtype=torch.float64) if method == "gradnorm_loss" else None
-        w = gradagg.weights(torch.tensor(j), method, state=state, losses=losses,
-                            generator=torch.Generator().manual_seed(0), **options_for(method, k)).numpy()
+        state = init_for(method, k) if method in STATEFUL or method in CROSS else None
+        extra = {"cross": (torch.tensor(j), torch.tensor(j))} if method in CROSS else {}
+        w = gradagg.weights(torch.tensor(j), method, state=state, generator=torch.Generator().manual_seed(0),
+                            **losses_for(method, k), **extra, **options_for(method, k)).numpy()
     # Most methods also form a preference-weighted sum Σ p_i g_i (CAGrad's g0, UPGrad's Jᵀp, the
     # pseudo-inverses' right-hand sides), whose own cancellation their weights need not show.
     size = max(float(np.abs(w) @ norms), float(norms.sum()) / len(j))
@@ -256,6 +260,11 @@ def _allowed(method, j: np.ndarray, jx: torch.Tensor, ref: torch.Tensor) -> floa
     (√K / λ_r), and the hull methods through the distance h of 0 to the hull (1 / h²)."""
     dtype = jx.dtype
     k = len(j)
+    if method == "sdmgrad":
+        # 20 projected steps of size lr = 10 on Â: each can multiply a perturbation by 1 + 10‖Â‖, and
+        # at the defaults the iterates hop between faces (METHODS.md C17), so no precision bounds it.
+        event("form only: sdmgrad's iteration amplifies rounding without bound")
+        return None
     u, delta = UNIT[dtype], gradagg.gramian_noise(jx)
     cut = 2 * np.sqrt(k) * delta
     ratio = _cancellation(method, j, ref)

@@ -12,8 +12,9 @@ import torch
 
 import gradagg
 from gradagg import _device
+from gradagg._registry import lookup
 
-from asserts import options_for
+from asserts import CROSS, init_for, options_for
 
 pytest.importorskip("gradagg.solvers.gpu.nnqp")  # triton, and torch ≥ 2.6 for triton_op
 from gradagg.solvers.gpu.census import Census
@@ -23,7 +24,12 @@ pytestmark = pytest.mark.skipif(not _device.interpreting() and not torch.cuda.is
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: The op budget of one call on the accelerator route (issue 12).
 MAX_OPS = 60
-METHODS = sorted(gradagg.methods())
+METHODS = [m for m in sorted(gradagg.methods()) if m not in CROSS]  # cross=: tests/test_cross.py
+#: Methods whose K x K stage has no Triton kernel: on CUDA they take the host route (one round trip).
+HOSTED = [m for m in METHODS if not lookup(m).kernel]
+#: Per-coordinate methods with a K x D state (excess_mtl, moco, db_mtl): torch operations over J on
+#: its device, without iterations; their op count follows J's layout and rows, not a K x K stage.
+WIDE = [m for m in METHODS if lookup(m).combine is not None and lookup(m).stateful]
 
 
 def jacobian(k: int, d: int = 48, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -44,8 +50,8 @@ def arguments(method: str, k: int, device) -> dict:
     info = gradagg.methods()[method]
     extra = dict(options_for(method, k) or {})
     if info.stateful:
-        extra["state"] = gradagg.init(method, k)
-    if method == "gradnorm_loss":
+        extra["state"] = init_for(method, k)
+    if info.uses_losses:
         extra["losses"] = torch.linspace(1.0, 2.0, k, device=device)
     if info.random:
         extra["generator"] = torch.Generator(device=device).manual_seed(1)
@@ -65,7 +71,26 @@ def census(method: str, k: int, **kwargs) -> Census:
     return counted
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", HOSTED)
+def test_methods_without_a_kernel_take_the_host_route(method, monkeypatch):
+    from gradagg import _api
+
+    staged = []
+    original = _api._host_stage
+    monkeypatch.setattr(_api, "_host_stage", lambda *a, **kw: (staged.append(1), original(*a, **kw))[1])
+    j = jacobian(4)
+    with _device.use_solver("triton"):
+        call(method, j)
+    assert staged == [1]
+
+
+@pytest.mark.parametrize("method", WIDE)
+def test_wide_methods_read_nothing(method):
+    counted = census(method, 5)
+    assert not counted.reads and not counted.opaque, (counted.reads, counted.opaque)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in HOSTED + WIDE])
 def test_ops_per_call_are_few_constant_and_read_nothing(method):
     small, large = census(method, 3), census(method, 9)
     assert small.total <= MAX_OPS, dict(small.ops)
@@ -103,13 +128,15 @@ def test_states_advance_as_on_the_cpu_route(method):
     if DEVICE != "cpu":
         pytest.skip("the CPU route is compared on CPU tensors")
     k = 5
-    states = [gradagg.init(method, k), gradagg.init(method, k)]
+    states = [init_for(method, k), init_for(method, k)]
     options = {"update_every": 2} if method == "nash_mtl" else {"update_at": 1} if "gradnorm" in method else {}
+    options = {**options_for(method, k), **options}
     for step in range(3):
         # Full rank: GradVac's target cosines of rows that a projection nearly cancels are noise.
         j = torch.randn(k, 48, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
         j[1] -= 0.8 * j[0]  # conflicts all the same
-        extra = {"losses": torch.linspace(1.0, 2.0, k) * (step + 1)} if method == "gradnorm_loss" else {}
+        uses = gradagg.methods()[method].uses_losses
+        extra = {"losses": torch.linspace(1.0, 2.0, k) * (step + 1)} if uses else {}
         gens = [torch.Generator().manual_seed(step) for _ in range(2)]
         expected = gradagg.aggregate(j, method, state=states[0], generator=gens[0], **options, **extra)
         with _device.use_solver("triton"):

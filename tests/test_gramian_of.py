@@ -16,7 +16,7 @@ from torch import nn
 
 import gradagg
 
-from asserts import DEVICES, STATEFUL, WEIGHTINGS, options_for
+from asserts import DEVICES, STATEFUL, WEIGHTINGS, init_for, options_for
 
 
 def loop_jacobian(losses, tensors):
@@ -319,7 +319,7 @@ def test_backward_equals_aggregate_of_the_jacobian(method):
     model = MultiHead(k=k).double()
     twin = copy.deepcopy(model)
     x, y = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 5, 3, dtype=torch.float64)
-    states = [gradagg.init(method, k), gradagg.init(method, k)] if info.stateful else [None, None]
+    states = [init_for(method, k), init_for(method, k)] if info.stateful else [None, None]
     for step in range(3 if info.stateful else 1):
         model.zero_grad(set_to_none=True)
         extra = {"generator": torch.Generator().manual_seed(step)} if info.random else {}

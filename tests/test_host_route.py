@@ -15,7 +15,7 @@ import torch
 import gradagg
 from gradagg import _device
 
-from asserts import STATEFUL, WEIGHTINGS, options_for
+from asserts import STATEFUL, WEIGHTINGS, init_for, options_for
 
 K, D = 5, 40
 
@@ -59,10 +59,10 @@ def test_weightings_equal_the_cpu_route(method, dtype):
 
 @pytest.mark.parametrize("method", STATEFUL)
 def test_states_advance_as_on_the_cpu_route(method):
-    options = {"update_every": 2} if method == "nash_mtl" else {}
+    options = {**options_for(method, K), **({"update_every": 2} if method == "nash_mtl" else {})}
     losses = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)
-    kwargs = {"losses": losses} if method == "gradnorm_loss" else {}
-    states = [gradagg.init(method, K), gradagg.init(method, K)]
+    kwargs = {"losses": losses} if gradagg.methods()[method].uses_losses else {}
+    states = [init_for(method, K), init_for(method, K)]
     for step in range(4):
         j = jacobian(step)
         gen = [torch.Generator().manual_seed(step) for _ in range(2)]

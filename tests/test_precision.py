@@ -17,10 +17,11 @@ import torch
 
 import gradagg
 
+from asserts import CROSS
 from precision import BOUND, check_against_float64, run
 from strategies import conditioned_low_rank
 
-METHODS = sorted(gradagg.methods())
+METHODS = [m for m in sorted(gradagg.methods()) if m not in CROSS]  # cross=: tests/test_cross.py
 #: Chains run on the full-rank family only: on low-rank Jacobians PCGrad and GradVac leave rows
 #: nearly cancelled (‖g_i'‖ ~ 1e-4 of the terms that make them), whose norm a float32 Gramian knows
 #: only to √δ ≈ 1e-3; NSGD then scales their noise to unit length, MGDA reads them as zero rows.

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import gradagg
 
-from asserts import DEVICES, STATEFUL, npy
+from asserts import DEVICES, STATEFUL, init_for, npy, options_for
 from strategies import cases
 
 
@@ -19,8 +19,9 @@ def jac(k=3, d=6, device="cpu", seed=0, scale=1.0):
 
 
 def extra_for(method, k, device="cpu"):
-    return {"losses": torch.linspace(1.0, 2.0, k, dtype=torch.float64, device=device)} \
+    losses = {"losses": torch.linspace(1.0, 2.0, k, dtype=torch.float64, device=device)} \
         if gradagg.methods()[method].uses_losses else {}
+    return {**options_for(method, k), **losses}
 
 
 # --- NSGD ----------------------------------------------------------------------------------------
@@ -210,15 +211,15 @@ def test_checkpoint_resume_is_bit_identical(device, method):
     jacs = [jac(4, 7, device, seed=s) for s in range(6)]
     gen = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
     extra = extra_for(method, 4, device)
-    straight = gradagg.init(method, 4)
+    straight = init_for(method, 4)
     results = [gradagg.aggregate(j, method, state=straight, generator=gen(), **extra) for j in jacs]
-    interrupted = gradagg.init(method, 4)
+    interrupted = init_for(method, 4)
     for j in jacs[:3]:
         gradagg.aggregate(j, method, state=interrupted, generator=gen(), **extra)
     buffer = io.BytesIO()
     torch.save(interrupted.state_dict(), buffer)
     buffer.seek(0)
-    resumed = gradagg.init(method, 4).load_state_dict(torch.load(buffer))
+    resumed = init_for(method, 4).load_state_dict(torch.load(buffer))
     for j, expected in zip(jacs[3:], results[3:]):
         assert torch.equal(gradagg.aggregate(j, method, state=resumed, generator=gen(), **extra), expected)
     for name in resumed.fields:
@@ -227,7 +228,7 @@ def test_checkpoint_resume_is_bit_identical(device, method):
 
 @pytest.mark.parametrize("method", STATEFUL)
 def test_state_lifecycle(method):
-    state = gradagg.init(method, 3)
+    state = init_for(method, 3)
     assert not state.bound
     gradagg.aggregate(jac(), method, state=state, **extra_for(method, 3))
     assert state.device == torch.device("cpu") and int(state.step) == 1
@@ -278,7 +279,7 @@ def test_compiled_step_updates_state_as_eager(device, method):
     torch._dynamo.reset()
     k = 2 if method == "gradvac" else 3  # K = 2: one partner order, so no randomness to compare
     extra = extra_for(method, k, device)
-    eager_state, compiled_state = gradagg.init(method, k), gradagg.init(method, k)
+    eager_state, compiled_state = init_for(method, k), init_for(method, k)
     step = torch.compile(lambda j, s: gradagg.aggregate(j, method, state=s, **extra), fullgraph=True)
     for seed in range(3):
         j = jac(k, 5, device, seed=seed)
@@ -294,7 +295,7 @@ def test_compiled_step_updates_state_as_eager(device, method):
 def fresh(method, j, **kw):
     k = j.shape[0] if isinstance(j, torch.Tensor) else next(iter(j.values())).shape[0]
     device = j.device if isinstance(j, torch.Tensor) else next(iter(j.values())).device
-    return gradagg.aggregate(j, method, state=gradagg.init(method, k), **extra_for(method, k, device), **kw)
+    return gradagg.aggregate(j, method, state=init_for(method, k), **extra_for(method, k, device), **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
