@@ -54,7 +54,8 @@ def linnerud_jacobian(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Ten
 
 def demo_options(name: str, k: int) -> dict:
     """Options for the methods that need some (constant weights, Krum's f, the trim count)."""
-    return {"constant": {"weights": [1.0] * k}, "krum": {"f": 0}, "trimmed_mean": {"trim": 1}}.get(name, {})
+    return {"constant": {"weights": [1.0] * k}, "krum": {"f": 0}, "trimmed_mean": {"trim": 1},
+            "crmogm": {"inner": "upgrad"}}.get(name, {})
 
 
 def table(seed: int = 0) -> str:
@@ -74,8 +75,10 @@ def table(seed: int = 0) -> str:
         opts = demo_options(name, k)
         # Stateful methods get a fresh state: the table shows their first step.
         extra = {"losses": losses} if info.uses_losses else {}
+        if info.uses_cross:  # two independent batches' Jacobians in training; this table has one batch
+            extra["cross"] = (jac, jac)
         def state(name: str = name, stateful: bool = info.stateful) -> gradagg.State | None:
-            return gradagg.init(name, k) if stateful else None
+            return gradagg.init([(name, demo_options(name, k))], k) if stateful else None
 
         # The same draws for d and for its weights, so that each row is one consistent call.
         d_tree = gradagg.aggregate(jac, name, generator=torch.Generator().manual_seed(seed), state=state(), **extra,
@@ -85,6 +88,8 @@ def table(seed: int = 0) -> str:
             w = gradagg.weights(jac, name, generator=torch.Generator().manual_seed(seed), state=state(), **extra,
                                 **opts)
             weights = "[" + ", ".join(f"{float(v):.3f}" for v in w) + "]"
+        elif info.stateful:  # excess_mtl, moco, db_mtl: a combination that their K x D state shapes
+            weights = "(from its state)"
         else:
             weights = "(per coordinate)"
         dn = d.norm()

@@ -3,8 +3,10 @@
 Each example places two 8 x 8 digits side by side (an 8 x 16 image); task 1 names the left digit,
 task 2 the right one. The digits of the training and test pairs come from disjoint halves of the
 data set. A shared-bottom network (two hidden layers) feeds one linear head per task. Every method
-trains the same initial network for the same steps and batches: per step, ``model_jacobian``
-gives the per-task Jacobian, ``aggregate`` combines it and ``set_grad`` hands it to Adam.
+trains the same initial network for the same steps and batches. A gradient method, per step:
+``model_jacobian`` gives the per-task Jacobian, ``aggregate`` combines it and ``set_grad`` hands it
+to Adam. A loss weighting, per step: ``scalarize`` and one backward pass (its trainable state, if
+any, in the same Adam).
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import torch
 
 import gradagg
 
-METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g")
+#: Gradient weightings (per step: the Jacobian, then ``aggregate``), one of each family: G only,
+#: G and the losses, a cross-Gramian of two more batches (sdmgrad, modo), the K x D states
+#: (excess_mtl, moco, db_mtl) and a modifier (crmogm smoothing upgrad's weights).
+METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g", "pcd", "sdmgrad", "modo",
+           "excess_mtl", "moco", "db_mtl", "crmogm")
+#: Loss weightings (per step: ``scalarize`` and one backward pass), trained alike.
+LOSS_METHODS = ("uw", "dwa", "famo", "geometric_mean", "imtl_l")
+OPTIONS = {"crmogm": {"inner": "upgrad", "alpha": 0.9}}
+EPOCH = 25  # steps per "epoch" for dwa's epoch boundaries
 
 
 def make_data(seed: int, train_pairs: int = 4000, test_pairs: int = 1000):
@@ -53,21 +63,52 @@ def task_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train(method: str, data, seed: int, steps: int, batch: int = 128, lr: float = 3e-3):
+    """Trains a fresh network with ``method`` (a gradient method or a loss weighting); returns the
+    training losses per step, the test accuracy per task and the mean time of a step."""
     (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(seed)
     model = SharedBottom()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    state = gradagg.init(method, 2) if gradagg.methods()[method].stateful else None
+    loss_level = method in gradagg.scalarizations() and method not in gradagg.methods()
+    info = None if loss_level else gradagg.methods()[method]
+    options = OPTIONS.get(method, {})
+    if loss_level:
+        state = gradagg.init(method, 2) if gradagg.scalarizations()[method].stateful else None
+    else:
+        state = gradagg.init([(method, options)], 2) if info.stateful else None
+    extra = list(state.parameters()) if loss_level and gradagg.scalarizations()[method].trainable else []
+    optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     batches = torch.Generator().manual_seed(seed + 1)
     history, spent = [], 0.0
-    for _ in range(steps):
+
+    def jacobian(idx: torch.Tensor):
+        yb = y_train[idx]
+        return gradagg.model_jacobian(model, x_train[idx], lambda out, yb=yb: task_losses(out, yb))
+
+    for step in range(steps):
         idx = torch.randint(len(y_train), (batch,), generator=batches)
-        xb, yb = x_train[idx], y_train[idx]
         start = time.perf_counter()
-        jac, losses = gradagg.model_jacobian(model, xb, lambda out, yb=yb: task_losses(out, yb))
-        gradagg.set_grad(model, gradagg.aggregate(jac, method, state=state, generator=gen))
-        optimizer.step()
+        if loss_level:
+            losses = task_losses(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad()
+            gradagg.scalarize(losses, method, state=state, generator=gen).backward()
+            optimizer.step()
+            if method == "famo":  # FAMO learns from the change of the losses on the same batch
+                with torch.no_grad():
+                    state.update(task_losses(model(x_train[idx]), y_train[idx]))
+            if method == "dwa" and (step + 1) % EPOCH == 0:
+                state.end_epoch()
+            losses = losses.detach()
+        else:
+            jac, losses = jacobian(idx)
+            kwargs = dict(options)
+            if info.uses_losses:
+                kwargs["losses"] = losses
+            if info.uses_cross:  # two more, independent batches for the cross-Gramian
+                pair = [jacobian(torch.randint(len(y_train), (batch,), generator=batches))[0] for _ in range(2)]
+                kwargs["cross"] = tuple(pair)
+            gradagg.set_grad(model, gradagg.aggregate(jac, method, state=state, generator=gen, **kwargs))
+            optimizer.step()
         spent += time.perf_counter() - start
         history.append(losses)
     with torch.no_grad():
@@ -79,18 +120,21 @@ def train(method: str, data, seed: int, steps: int, batch: int = 128, lr: float 
 def run(out_dir, seed: int = 0, steps: int = 300, progress=None) -> str:
     data = make_data(seed)
     results = {}
-    for i, method in enumerate(METHODS):
+    every = METHODS + LOSS_METHODS
+    for i, method in enumerate(every):
         results[method] = train(method, data, seed, steps)
         if progress:
-            progress(i + 1, len(METHODS), method)
+            progress(i + 1, len(every), method)
     _plot(out_dir / "multidigits_training.png", results)
     lines = [f"MultiDigits (load_digits side by side, {len(data[0][1])} train / {len(data[1][1])} test pairs): "
              f"{steps} Adam steps, batch 128",
-             f"{'method':<10}{'acc left':>10}{'acc right':>11}{'loss left':>11}{'loss right':>12}{'ms/step':>9}"]
+             f"{'method':<15}{'family':<9}{'acc left':>10}{'acc right':>11}{'loss left':>11}{'loss right':>12}"
+             f"{'ms/step':>9}"]
     for method, (history, accuracy, per_step) in results.items():
         final = history[-20:].mean(0)
-        lines.append(f"{method:<10}{accuracy[0]:>10.3f}{accuracy[1]:>11.3f}{final[0]:>11.3f}{final[1]:>12.3f}"
-                     f"{per_step * 1e3:>9.2f}")
+        family = "loss" if method in LOSS_METHODS else "gradient"
+        lines.append(f"{method:<15}{family:<9}{accuracy[0]:>10.3f}{accuracy[1]:>11.3f}{final[0]:>11.3f}"
+                     f"{final[1]:>12.3f}{per_step * 1e3:>9.2f}")
     return "\n".join(lines)
 
 

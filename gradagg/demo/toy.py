@@ -21,7 +21,12 @@ import torch
 import gradagg
 
 STARTS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
-METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g")
+#: The methods of the paper's figure, and the newer families that need no positive losses (the toy
+#: losses go negative): pcd (task 1 primary), the cross-Gramian methods (here one exact gradient,
+#: so the "two batches" are the same), excess_mtl's K x D state and crmogm smoothing upgrad.
+METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g", "pcd", "sdmgrad", "modo",
+           "excess_mtl", "crmogm")
+OPTIONS = {"crmogm": {"inner": "upgrad"}}
 FLOOR = 5e-6
 
 
@@ -53,14 +58,17 @@ def trajectories(method: str, steps: int, lr: float, seed: int) -> torch.Tensor:
     """The paths [starts, steps + 1, 2] of Adam on the aggregated direction, all starts at once."""
     x = torch.tensor(STARTS, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([x], lr=lr)
-    stateful = gradagg.methods()[method].stateful
-    states = [gradagg.init(method, 2) if stateful else None for _ in STARTS]
+    info = gradagg.methods()[method]
+    options = OPTIONS.get(method, {})
+    states = [gradagg.init([(method, options)], 2) if info.stateful else None for _ in STARTS]
     gen = torch.Generator().manual_seed(seed)
     jacobians = torch.func.vmap(torch.func.jacrev(losses))
     path = [x.detach().clone()]
     for _ in range(steps):
         jac = jacobians(x.detach())  # [starts, 2 tasks, 2 coordinates]
-        x.grad = torch.stack([gradagg.aggregate(j, method, state=st, generator=gen) for j, st in zip(jac, states)])
+        x.grad = torch.stack([gradagg.aggregate(j, method, state=st, generator=gen, **options,
+                                                **({"cross": (j, j)} if info.uses_cross else {}))
+                              for j, st in zip(jac, states)])
         optimizer.step()
         path.append(x.detach().clone())
     return torch.stack(path, 1)
