@@ -995,5 +995,6 @@ def methods() -> dict[str, MethodInfo]:
 def _require_weighting(plan: _Plan) -> None:
     if plan.tail is not None:
         name = plan.tail.method.name
-        raise ValueError(f"method {name!r} acts coordinate by coordinate on J, so no weight vector w "
-                         f"gives its result as Σ w_i g_i; use gradagg.aggregate(jac, method={name!r})")
+        raise ValueError(f"method {name!r} acts coordinate by coordinate on J (or on a K x D state built from it), "
+                         f"so no weight vector w of the current J gives its result as Σ w_i g_i; use "
+                         f"gradagg.aggregate(jac, method={name!r})")

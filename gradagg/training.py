@@ -381,7 +381,8 @@ def _parameter_backward(losses: torch.Tensor, inputs: Any, method: Any, batch_di
                         options: dict[str, Any]) -> torch.Tensor:
     if not is_weighting(method):
         name = method if isinstance(method, str) else "this chain"
-        raise ValueError(f"{name!r} acts coordinate by coordinate on J, so it needs the Jacobian itself, which "
+        raise ValueError(f"{name!r} acts coordinate by coordinate on J (or keeps a K x D state of it), so it needs "
+                         f"the Jacobian itself, which "
                          f"backward over parameters never forms (it weights the losses from their Gramian). "
                          f"Compute J (gradagg.autograd_jacobian or model_jacobian), combine it with "
                          f"gradagg.aggregate(jac, {name!r}) and write it with gradagg.set_grad")

@@ -377,7 +377,7 @@ def test_backward_with_a_subset_and_the_representation_route_unchanged():
 def test_backward_refuses_per_coordinate_methods():
     model = MultiHead().double()
     losses = model.losses(torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 5, 3, dtype=torch.float64))
-    for method in ("graddrop", "trimmed_mean", ("pcgrad", "graddrop")):
+    for method in ("graddrop", "trimmed_mean", ("pcgrad", "graddrop"), "excess_mtl", "moco"):
         with pytest.raises(ValueError, match=r"gradagg\.aggregate"):
             gradagg.backward(losses, model, method)
     with pytest.raises(ValueError, match="batch_dim and scaler apply"):
