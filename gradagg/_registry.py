@@ -185,7 +185,7 @@ def real_at_least(low: float, strict: bool = False) -> Callable[[str, Any, int],
 def real_in(low: float, high: float, *, open_low: bool = False, open_high: bool = False
             ) -> Callable[[str, Any, int], float]:
     """A real in the interval from ``low`` to ``high``, each end closed unless said open."""
-    span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
 
     def check(name: str, value: Any, k: int) -> float:
         x = _real(name, value)

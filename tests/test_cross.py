@@ -473,7 +473,7 @@ def test_errors():
     ("sdmgrad", {"pref": [0.5, 0.5, 0.5]}, "simplex"),
     ("sdmgrad", {"pref": [1.2, -0.2, 0.0]}, "nonnegative"),
     ("sdmgrad", {"pref": [0.5, 0.5]}, "length"),
-    ("sdmgrad", {"momentum": 1.0}, r"\[0, 1\)"),
+    ("sdmgrad", {"momentum": 1.0}, r"\[0\.0, 1\.0\)"),
     ("sdmgrad", {"momentum": -0.1}, "momentum"),
     ("sdmgrad", {"lr": 0.0}, "lr"),
     ("sdmgrad", {"n_iter": 0}, "n_iter"),

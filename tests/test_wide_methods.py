@@ -612,9 +612,9 @@ def test_losses_are_required_where_read():
 @pytest.mark.parametrize(("method", "opts", "message"), [
     ("moco", {"simplex": "sparsemax"}, "'softmax', 'project'"),
     ("moco", {"track": "unit"}, "'loss_unit', 'raw'"),
-    ("moco", {"beta": 0.0}, r"\(0, 1\]"),
+    ("moco", {"beta": 0.0}, r"\(0\.0, 1\.0\]"),
     ("moco", {"gamma": -1.0}, "≥ 0"),
-    ("db_mtl", {"beta": 1.0}, r"\[0, 1\)"),
+    ("db_mtl", {"beta": 1.0}, r"\[0\.0, 1\.0\)"),
     ("db_mtl", {"beta_sigma": -0.5}, "≥ 0"),
     ("excess_mtl", {"eta": 0.0}, "> 0"),
     ("excess_mtl", {"warmup": -1}, "≥ 0"),
