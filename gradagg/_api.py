@@ -461,7 +461,8 @@ def _weights_from_g(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tens
     g = gram.g
     if plan.simple:
         step = plan.steps[0]
-        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses, noise=gram.noise)
+        ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses, noise=gram.noise,
+                      proj=gram.proj)
         w = step.method.weighting(g, ctx, **step.options)
     else:
         w = _coefficients(plan, g, gram.noise).sum(0)

@@ -24,6 +24,10 @@ class Context(NamedTuple):
     losses: torch.Tensor | None = None
     #: δ, the rounding of each entry of G relative to ‖g_i‖‖g_j‖ (see ``_numerics``).
     noise: float = FLOAT64_NOISE
+    #: The projector (K x K, on weights) onto the range of G where cleaning removed a null space,
+    #: else None: a method that keeps weights across calls (crmogm) keeps them without components
+    #: that the current G cannot resolve.
+    proj: Any = None
     #: The process group over whose ranks J's columns are sharded (per-coordinate methods that
     #: reduce over D all-reduce those sums), or None.
     group: Any = None
@@ -57,6 +61,10 @@ class Method:
     #: The weighting reads a cross-Gramian A = J_a J_bᵀ of two independent batches (``cross=``) in
     #: place of G: neither symmetric nor cleaned, and the method cannot be chained.
     uses_cross: bool = False
+    #: Its weights may grow without bound along directions of G's null space (Nash-MTL's and
+    #: FairGrad's equations where a nonnegative combination of the gradients vanishes): harmless in
+    #: one call's d, but a method that keeps weights across calls (crmogm) keeps them projected.
+    unbounded_null: bool = False
     #: The K x K stage has a Triton kernel (``solvers/gpu``). A plan with a method that has none
     #: takes the host route on CUDA instead of running a solver's iterations as device ops.
     kernel: bool = True

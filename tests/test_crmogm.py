@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 import gradagg
 from gradagg import _device
+from gradagg._gramian import clean_gramian
 from gradagg._methods.crmogm import inner_uses_losses
+from gradagg._registry import lookup
 
 from asserts import npy
 from strategies import cases
@@ -58,6 +60,16 @@ class Alone:
 
     def __call__(self, j, **extra):
         return gradagg.weights(j, self.name, state=self.state, **self.options, **extra)
+
+
+def in_range(j, w, inner):
+    """ŵ as crmogm smooths it: for an inner whose weights may grow without bound along G's null space
+    (nash_mtl, fairgrad), without those components (the library's range projector of the clean G,
+    itself tested in test_numerics/test_weightings); else as it is."""
+    if not lookup(name_of(inner)).unbounded_null:
+        return w
+    _, proj = clean_gramian([j.detach()], True, gradagg.gramian_noise(j))
+    return w if proj is None else proj.to(w.dtype) @ w
 
 
 def gen(seed=0):
@@ -129,7 +141,7 @@ def test_c23_closed_form_on_hard_jacobians(case, alpha, with_init, inner, data):
     init = data.draw(st.lists(st.floats(-3, 3), min_size=case.k, max_size=case.k)) if with_init else None
     state, alone = make(inner, case.k), Alone(inner, case.k)
     got = [npy(gradagg.weights(j, "crmogm", inner=inner, alpha=alpha, init=init, state=state)) for j in jacs]
-    w_hat = [npy(alone(j)) for j in jacs]
+    w_hat = [npy(in_range(j, alone(j), inner)) for j in jacs]
     w0 = w_hat[0] if init is None else np.array(init)
     scale = max(1.0, max(np.abs(w).max() for w in w_hat), np.abs(w0).max())
     for g, e in zip(got, closed_form(w_hat, [alpha] * 5, w0)):
@@ -368,3 +380,22 @@ def test_matches_torchjd_crmogm_over_several_calls():
             expected = peer(j @ j.T)
             got = gradagg.weights(j, "crmogm", inner="upgrad", alpha=alpha, init=init, state=state)
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=f"call {t + 1}")
+
+
+def test_weights_that_diverge_along_a_null_direction_are_not_carried_forward():
+    """Opposite gradients: Nash-MTL's weights grow like ε^(-1/2) along the vanishing combination,
+    which that call's d drops. Kept in w, they would meet a J that does not cancel them (‖d‖ ~ 1e7);
+    crmogm smooths ŵ without them, so the next d is α·J₂ᵀ(P₁ŵ₁) + (1−α)·J₂ᵀŵ₂ with P₁ŵ₁ bounded."""
+    j1 = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    j2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    alone = Alone("nash_mtl", 3)
+    raw = npy(alone(j1))
+    assert np.abs(raw).max() > 1e5  # the premise: the raw weights blow up along (1, 1, 0)
+    state = make("nash_mtl", 3)
+    gradagg.aggregate(j1, "crmogm", inner="nash_mtl", alpha=0.5, state=state)
+    d2 = gradagg.aggregate(j2, "crmogm", inner="nash_mtl", alpha=0.5, state=state)
+    w1 = npy(in_range(j1, torch.tensor(raw), "nash_mtl"))
+    w2 = npy(alone(j2))
+    expected = j2.numpy().T @ (0.5 * w1 + 0.5 * w2)
+    np.testing.assert_allclose(d2.numpy(), expected, rtol=1e-9, atol=1e-9)
+    assert np.linalg.norm(expected) < 10.0

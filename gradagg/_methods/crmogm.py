@@ -24,10 +24,15 @@ methods may carry components along G's noise-level null space, and the projectio
 within the Gramian's noise floor for the others. ``uses_losses`` is not set: losses are optional
 and passed on to the inner method, which raises where it needs them and has none.
 
-Caution: ŵ_k is smoothed as the inner method returns it (as ``gradagg.weights`` gives it, and as
-TorchJD smooths it). Where those weights are huge along a direction that G cannot resolve (Nash-MTL
-and FairGrad when a nonnegative combination of the gradients vanishes), that call's d drops them,
-but w_k keeps them, and the next calls, whose J no longer cancels them, do not.
+Where the Gramian was singular (cleaning removed a null space) and the inner method's weights may
+grow without bound along it (``unbounded_null``: Nash-MTL, FairGrad), ŵ_k is smoothed without its
+components along that null space:
+they change nothing in that call's d, but Nash-MTL and FairGrad make them huge when a nonnegative
+combination of the gradients vanishes (about 3e6 for two opposite gradients), and kept in w_k they
+would reach the next calls' d, whose J no longer cancels them (‖d‖ about 1.5e7 where Nash-MTL alone
+gives weights of about 0.3). On a nonsingular G this is the contract's ŵ_k exactly; on a singular
+one, ŵ_k differs from ``gradagg.weights`` of the inner method by a vector that J maps to 0. (TorchJD
+smooths the raw weights.)
 """
 
 from __future__ import annotations
@@ -184,6 +189,10 @@ def _crmogm(g: torch.Tensor, ctx: Context, inner: Inner, alpha: float, init: tor
     w_hat = inner.method.weighting(g, ctx._replace(state=inner_state), **inner.options)
     state.absorb(inner_state)
     w_hat = w_hat.to(g.dtype)
+    if ctx.proj is not None and inner.method.unbounded_null:
+        # The components of ŵ along G's unresolved null space change nothing in this call's d (which
+        # drops them) but would reach the next calls' d through w_k: smooth ŵ without them.
+        w_hat = ctx.proj.to(g.dtype) @ w_hat
     started = state.step > 0
     if init is None:  # w_0 = ŵ_1: the first call returns ŵ_1 itself, not α ŵ_1 + (1−α) ŵ_1 rounded
         w = torch.where(started, alpha * state.w_prev.to(g.dtype) + (1.0 - alpha) * w_hat, w_hat)

@@ -59,5 +59,5 @@ register(Method(
     "fairgrad", "w > 0 solving G w = w^(-1/α): α-fair allocation of the update across tasks.",
     "Ban & Ji 2024, 'Fair resource allocation in multi-task learning'",
     options=(Option("alpha", 1.0, real_at_least(0.0, strict=True), "fairness exponent α > 0"),),
-    weighting=_fairgrad, project_null=True,
+    weighting=_fairgrad, project_null=True, unbounded_null=True,
 ))

@@ -78,5 +78,5 @@ register(Method(
         Option("update_every", 1, positive_int, "recompute α every this many calls (≥ 1)"),
         Option("max_norm", None, optional_positive_real, "clip ‖d‖ to this (> 0), or None"),
     ),
-    weighting=_nash_mtl, state_class=NashMTLState, project_null=True,
+    weighting=_nash_mtl, state_class=NashMTLState, project_null=True, unbounded_null=True,
 ))
