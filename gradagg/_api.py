@@ -33,7 +33,7 @@ from ._gramian import (
     triton_gramian,
 )
 from ._numerics import default_noise, eigen_cut
-from ._registry import Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
+from ._registry import _ALIASES, Context, Method, MethodInfo, all_methods, info, lookup, resolve_options
 from .solvers import native
 from .state import State
 
@@ -957,7 +957,7 @@ def init(method: Any, num_tasks: int, *, device: torch.device | str | None = Non
     ``gradagg.scalarizations()``) gives its state for ``gradagg.scalarize``, with ``options`` the
     state's own (famo's ``lr``, uw's ``init``, ...).
     """
-    if isinstance(method, str) and method.lower() not in _registered_names():
+    if isinstance(method, str) and method.lower() not in _ALIASES:
         from . import scalarization
 
         if method.lower() in scalarization.known_names():
@@ -975,12 +975,6 @@ def init(method: Any, num_tasks: int, *, device: torch.device | str | None = Non
         raise ValueError(f"{names} {'is' if len(elements) == 1 else 'are'} stateless and needs no state; stateful "
                          f"methods: {', '.join(n for n, m in all_methods().items() if m.stateful)}")
     return states[0] if len(states) == 1 else tuple(states)
-
-
-def _registered_names() -> set[str]:
-    from ._registry import _ALIASES
-
-    return set(_ALIASES)
 
 
 def is_weighting(method: Any) -> bool:

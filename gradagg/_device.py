@@ -87,7 +87,7 @@ def triton_available() -> bool:
 
 def placement(t: torch.Tensor) -> Placement:
     """Where the K x K stage for the K x K (or K-row) tensor ``t`` runs."""
-    k = t.shape[0]
+    k = t.shape[0] if t.dim() else 1  # (a 0-dim flag: placed as a K = 1 stage)
     if t.device.type == "cpu":  # (the host route runs there too when asked for: its copies are no-ops)
         if _setting == "host":
             return "host"

@@ -84,10 +84,16 @@ def _named_inputs(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
     return items
 
 
-def _check_losses(losses: Any) -> torch.Tensor:
+def loss_vector(losses: Any) -> torch.Tensor:
+    """``losses`` if it is a 1-D Tensor [K] with K ≥ 1, else a ValueError saying so."""
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] == 0:
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise ValueError(f"the losses must be a 1-D Tensor [K] with K ≥ 1 (one loss per task or example), got {shape}")
+    return losses
+
+
+def _check_losses(losses: Any) -> torch.Tensor:
+    losses = loss_vector(losses)
     if losses.grad_fn is None:
         raise ValueError("the losses have no autograd graph (computed under torch.no_grad, detached, or from "
                          "tensors that do not require grad)")

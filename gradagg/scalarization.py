@@ -146,8 +146,8 @@ class ScalarizationState(nn.Module):
     ``load_state_dict`` refuses a state_dict of another method or K, and restores the options
     saved with it (as ``torch.optim`` restores its hyper-parameters). Created without ``device``,
     the state moves to the device of the first losses it is used with; after that, or after an
-    explicit ``.to(device)``, ``.cuda()`` or ``.cpu()``, it stays where it is and a call with
-    losses elsewhere is refused.
+    explicit move (``to``, ``cuda`` and ``cpu`` all go through ``to``), it stays where it is and a
+    call with losses elsewhere is refused.
     """
 
     method: ClassVar[str] = ""
@@ -214,14 +214,10 @@ class ScalarizationState(nn.Module):
         return self
 
     def cuda(self, device: Any = None) -> ScalarizationState:
-        self._bound = True
-        super().cuda(device)
-        return self
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
 
     def cpu(self) -> ScalarizationState:
-        self._bound = True
-        super().cpu()
-        return self
+        return self.to("cpu")
 
     @property
     def device(self) -> torch.device:

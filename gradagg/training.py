@@ -27,17 +27,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._api import _elements, _shapes, aggregate, is_weighting, weights, weights_from_gramian
-from ._jacfree import raw_gramian
+from ._jacfree import loss_vector, raw_gramian
 from ._methods.crmogm import inner_uses_losses
 
 Params = Mapping[str, torch.Tensor] | list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.nn.Module
-
-
-def _check_losses(losses: Any) -> torch.Tensor:
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] == 0:
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"the losses must be a 1-D Tensor [K] with K ≥ 1 (one loss per task), got {shape}")
-    return losses
 
 
 def task_jacobian(losses_fn: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], *args: Any,
@@ -52,7 +45,7 @@ def task_jacobian(losses_fn: Callable[..., torch.Tensor], params: dict[str, torc
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
     def with_aux(p: dict[str, torch.Tensor], *a: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = _check_losses(losses_fn(p, *a))
+        losses = loss_vector(losses_fn(p, *a))
         return losses, losses.detach()
 
     jac, losses = torch.func.jacrev(with_aux, has_aux=True, chunk_size=chunk_size)(params, *args)
@@ -111,7 +104,7 @@ def model_jacobian(model: torch.nn.Module, inputs: Any, losses_fn: Callable[[Any
         finally:
             if handle is not None:
                 handle.remove()
-        values = _check_losses(losses_fn(out))
+        values = loss_vector(losses_fn(out))
         detached = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in after.items()}
         return values, (values.detach(), detached)
 
@@ -162,7 +155,7 @@ def autograd_jacobian(losses: torch.Tensor, params: Params, *, chunk_size: int |
     tensors, in the order of ``params``. Parameters that a loss does not reach get zeros.
     ``chunk_size`` back-propagates at most that many tasks at a time.
     """
-    losses = _check_losses(losses)
+    losses = loss_vector(losses)
     tensors, names, as_tuple = _named(params)
     k = losses.shape[0]
     eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
@@ -350,7 +343,7 @@ def backward(losses: torch.Tensor, inputs: Any, method: Any = "upgrad", *, weigh
     Returns the weights w [K] (float64) of weighting methods, or d (graddrop, trimmed mean, at the
     representation level).
     """
-    losses = _check_losses(losses)
+    losses = loss_vector(losses)
     if _over_parameters(inputs):
         return _parameter_backward(losses, inputs, method, batch_dim, scaler, kwargs)
     if batch_dim is not None or scaler is not None:

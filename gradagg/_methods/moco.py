@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 import torch
 
 from .. import distributed
-from .._device import on_triton
 from .._gramian import _TINY, fast, needs_rescale, rescaled
 from .._registry import Context, Method, Option, choice, real_at_least, real_in, register
 from ..solvers._loop import can_stop_early
@@ -60,12 +59,6 @@ def summed(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t if group is None else distributed.all_reduce_sum(t, group)
 
 
-def _free(t: torch.Tensor) -> bool:
-    """Reading a flag costs nothing: host memory, outside compiled graphs and the Triton route (whose
-    interpreter runs on CPU tensors in the tests, standing for the device)."""
-    return can_stop_early(t) and not on_triton(t)
-
-
 def sq_norms(rows: list[torch.Tensor], group: Any = None) -> torch.Tensor:
     """‖r_i‖² over all leaves (and ranks), float64 [K]. Each leaf's norms are accumulated in its
     dtype; rows whose squares overflowed or underflowed it are taken again exactly, scaled by a
@@ -74,7 +67,7 @@ def sq_norms(rows: list[torch.Tensor], group: Any = None) -> torch.Tensor:
     quick = summed(torch.stack([torch.linalg.vector_norm(r, dim=1).to(torch.float64) for r in rows])
                    .square().sum(0), group)
     suspect = ~torch.isfinite(quick) | (quick < _TINY[rows[0].dtype])
-    if _free(quick) and not bool(suspect.any()):
+    if can_stop_early(quick) and not bool(suspect.any()):
         return quick
     return torch.where(suspect, summed(_scaled_sq_norms(rows), group), quick)
 
@@ -104,7 +97,7 @@ def wide_gramian(rows: list[torch.Tensor], group: Any = None) -> torch.Tensor:
     device without ``check_finite``)."""
     dtype = rows[0].dtype
     g = summed(fast(rows, dtype).to(torch.float64), group)
-    if _free(g) and bool(needs_rescale(g, dtype)):
+    if can_stop_early(g) and bool(needs_rescale(g, dtype)):
         g = summed(rescaled(rows, dtype), group)
     return g
 

@@ -25,8 +25,9 @@ except ImportError:  # torch < 2.5
 
 def can_stop_early(t: torch.Tensor) -> bool:
     """True where reading a flag from ``t``'s device is free: host memory, and not while
-    ``torch.compile`` traces (the bodies of the opaque operators run eagerly, so there it holds)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    ``torch.compile`` traces (the bodies of the opaque operators run eagerly, so there it holds), nor
+    on the Triton route, whose CPU tensors (in the interpreter) stand for the device."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and placement(t) != "triton"
 
 
 def all_done(done: torch.Tensor) -> bool:
