@@ -5,7 +5,8 @@
 
 Counted with ``gradagg.solvers.gpu.census.Census`` (a dispatch mode that also looks inside gradagg's
 Triton operators) for every method at K = 4 and K = 32, D = 1000, float32, one tensor leaf,
-``check_finite`` at its default, after one warm-up call. Prints a Markdown table.
+``check_finite`` at its default, after one warm-up call. Prints a Markdown table. Methods without a
+Triton kernel (pcd, sdmgrad, modo) take the host route, whose one round trip shows as host reads.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import gradagg
 from gradagg.solvers.gpu.census import Census
 
 
-def arguments(method: str, k: int, device: torch.device) -> dict:
+def arguments(method: str, k: int, device: torch.device, j: torch.Tensor) -> dict:
     info = gradagg.methods()[method]
-    out: dict = {"krum": {"f": 1}, "trimmed_mean": {"trim": 1}, "constant": {"weights": [1.0] * k}}.get(method, {})
+    out: dict = {"krum": {"f": 1}, "trimmed_mean": {"trim": 1}, "constant": {"weights": [1.0] * k},
+                 "crmogm": {"inner": "upgrad"}}.get(method, {})
     if info.stateful:
-        out["state"] = gradagg.init(method, k, device=device)
-    if method == "gradnorm_loss":
+        out["state"] = gradagg.init([(method, dict(out))], k, device=device)
+    if info.uses_losses:
         out["losses"] = torch.linspace(1.0, 2.0, k, device=device)
+    if info.uses_cross:  # (the two batches: here one, twice)
+        out["cross"] = (j, j)
     if info.random:
         out["generator"] = torch.Generator(device=device).manual_seed(0)
     return out
@@ -30,7 +34,7 @@ def arguments(method: str, k: int, device: torch.device) -> dict:
 
 def count(method: str, k: int, device: torch.device) -> Census:
     j = torch.randn(k, 1000, device=device)
-    kwargs = arguments(method, k, device)
+    kwargs = arguments(method, k, device, j)
     gradagg.aggregate(j, method, **kwargs)
     with Census() as census:
         gradagg.aggregate(j, method, **kwargs)

@@ -28,3 +28,17 @@ def test_cuda_bench_smoke(tmp_path):
     assert all(r["triton_s"] > 0 and r["host_s"] > 0 and r["floor_s"] > 0 for r in rows)
     assert all(r["ops"] is not None and r["ops"] <= 60 for r in rows)
     assert "| K | D | method |" in (tmp_path / "results.md").read_text()
+
+
+def test_op_census_benchmark_runs_every_method():
+    """benchmarks.ops builds valid arguments for every method (no counts asserted: that is
+    tests/test_gpu_route.py's job)."""
+    pytest.importorskip("triton")
+    import torch
+
+    import gradagg
+    from benchmarks import ops
+
+    with gradagg.use_solver("triton"):
+        for method in gradagg.methods():
+            assert ops.count(method, 4, torch.device("cpu")).total > 0, method
