@@ -62,6 +62,6 @@ def from_config(records: list[dict[str, Any]], num_tasks: int, *, device: torch.
         chain.append((method.name, _record_options(method.name, record, num_tasks)))
     if any(not lookup(name).is_weighting for name, _ in chain[:-1]):
         raise ValueError("graddrop and trimmed_mean act per coordinate and can only be the last record")
-    method = tuple(chain)
+    spec = tuple(chain)
     stateful = any(lookup(name).stateful for name, _ in chain)
-    return Config(method, init(method, num_tasks, device=device) if stateful else None)
+    return Config(spec, init(spec, num_tasks, device=device) if stateful else None)

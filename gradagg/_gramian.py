@@ -236,7 +236,7 @@ def clean_gramian(leaves: list[torch.Tensor], rescue: bool, noise: float) -> tup
     return clean(gramian_of_leaves(leaves, rescue), noise)
 
 
-def _gramian_fake(leaves, rescue, noise):
+def _gramian_fake(leaves: list[torch.Tensor], rescue: bool, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
     k = leaves[0].shape[0]
     return leaves[0].new_empty((k, k), dtype=torch.float64), leaves[0].new_empty((k, k), dtype=torch.float64)
 

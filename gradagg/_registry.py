@@ -6,11 +6,14 @@ import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from ._numerics import FLOAT64_NOISE
+
+if TYPE_CHECKING:
+    from .state import State
 
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
 
@@ -55,7 +58,7 @@ class Method:
     weighting: Callable[..., torch.Tensor] | None = None
     combine: Callable[..., list[torch.Tensor]] | None = None
     random: bool = False
-    state_class: type | None = None
+    state_class: type[State] | None = None
     uses_gramian: bool = True
     uses_losses: bool = False
     #: The weighting reads a cross-Gramian A = J_a J_bᵀ of two independent batches (``cross=``) in
@@ -233,19 +236,20 @@ def nonnegative_int(name: str, value: Any, k: int) -> int:
 
 
 def positive_int(name: str, value: Any, k: int) -> int:
-    if nonnegative_int(name, value, k) < 1:
+    n = nonnegative_int(name, value, k)  # (value itself, checked)
+    if n < 1:
         raise ValueError(f"option {name!r} must be ≥ 1, got {value}")
-    return value
+    return n
 
 
 def optional_positive_real(name: str, value: Any, k: int) -> float | None:
     return None if value is None else real_at_least(0.0, strict=True)(name, value, k)
 
 
-def k_vector(nonnegative: bool, positive_sum: bool) -> Callable[[str, Any, int], Any]:
+def k_vector(nonnegative: bool, positive_sum: bool) -> Callable[[str, Any, int], torch.Tensor | None]:
     """A K-vector given as a sequence or a 1-D tensor; None stays None (the method's default)."""
 
-    def check(name: str, value: Any, k: int) -> Any:
+    def check(name: str, value: Any, k: int) -> torch.Tensor | None:
         if value is None:
             return None
         if isinstance(value, torch.Tensor):

@@ -72,7 +72,7 @@ def shared_generator(generator: torch.Generator | None, group: Any, device: torc
     return torch.Generator(device=device).manual_seed(int(seed[0]))
 
 
-def coordinate_generator(generator: torch.Generator, group: Any, device: torch.device) -> torch.Generator:
+def coordinate_generator(generator: torch.Generator | None, group: Any, device: torch.device) -> torch.Generator:
     """A rank-specific stream for per-coordinate draws, derived from the shared generator."""
     base = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64, device=device)[0])
     return torch.Generator(device=device).manual_seed((base + 1_000_003 * dist.get_rank(group)) % 2**63)

@@ -40,7 +40,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypedDict, cast
 
 import torch
 from torch import nn
@@ -138,6 +138,13 @@ def _state_options(cls: type[ScalarizationState], given: dict[str, Any], k: int)
 # --- states ----------------------------------------------------------------------------------------
 
 
+class _Place(TypedDict):
+    """Where a state's tensors are created: device and floating-point dtype."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
 class ScalarizationState(nn.Module):
     """The state of a stateful loss weighting: an ``nn.Module`` whose tensors are buffers (and, for
     uw and imtl_l, the trainable Parameter ``s``), plus its method, K and options, which
@@ -162,7 +169,7 @@ class ScalarizationState(nn.Module):
             raise TypeError(f"a state's dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.num_tasks = num_tasks
         self._bound = device is not None
-        self._place = {"device": torch.device("cpu" if device is None else device), "dtype": dtype}
+        self._place: _Place = {"device": torch.device("cpu" if device is None else device), "dtype": dtype}
         self.options = _state_options(type(self), options, num_tasks)
 
     def _new(self, fill: float, counter: bool = False, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -301,6 +308,13 @@ class DWAState(ScalarizationState):
 
     method: ClassVar[str] = "dwa"
 
+    # (buffers, registered in __init__)
+    running_sum: torch.Tensor
+    count: torch.Tensor
+    previous: torch.Tensor
+    before_previous: torch.Tensor
+    epochs: torch.Tensor
+
     def __init__(self, num_tasks: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__(num_tasks, device=device, dtype=dtype)
@@ -361,6 +375,13 @@ class FAMOState(ScalarizationState):
         Option("betas", (0.9, 0.999), _betas, "Adam's (β₁, β₂), each in [0, 1)"),
         Option("eps", 1e-8, real_at_least(0.0, strict=True), "Adam's ε > 0"),
     )
+    # (buffers, registered in __init__)
+    min_losses: torch.Tensor
+    xi: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+    step: torch.Tensor
+    prev_losses: torch.Tensor
 
     def __init__(self, num_tasks: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64, lr: float = 0.025, weight_decay: float = 1e-3,
@@ -441,6 +462,11 @@ class STCHState(ScalarizationState):
     state_options: ClassVar[tuple[Option, ...]] = (
         Option("warmup_epochs", 4, _warmup, "the number W ≥ 0 of warm-up epochs; epoch W records the nadir"),
     )
+    # (buffers, registered in __init__)
+    epoch: torch.Tensor
+    nadir_sum: torch.Tensor
+    count: torch.Tensor
+    nadir: torch.Tensor
 
     def __init__(self, num_tasks: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64, warmup_epochs: int = 4) -> None:
@@ -513,24 +539,28 @@ def _random_w(losses: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
 
 def _uw_terms(losses: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     """½ e^{−s_i} L_i + ½ s_i (Kendall et al.'s regression form, for every task)."""
-    s = ctx.state.s.to(losses.dtype)
+    state: UWState = ctx.state
+    s = state.s.to(losses.dtype)
     return 0.5 * torch.exp(-s) * losses + 0.5 * s
 
 
 def _uw_w(losses: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     """w = ½ e^{−s}."""
-    return 0.5 * torch.exp(-ctx.state.s.detach().to(losses.dtype))
+    state: UWState = ctx.state
+    return 0.5 * torch.exp(-state.s.detach().to(losses.dtype))
 
 
 def _imtl_l_terms(losses: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     """e^{s_i} L_i − s_i."""
-    s = ctx.state.s.to(losses.dtype)
+    state: IMTLLState = ctx.state
+    s = state.s.to(losses.dtype)
     return torch.exp(s) * losses - s
 
 
 def _imtl_l_w(losses: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     """w = e^{s}."""
-    return torch.exp(ctx.state.s.detach().to(losses.dtype))
+    state: IMTLLState = ctx.state
+    return torch.exp(state.s.detach().to(losses.dtype))
 
 
 # dwa
@@ -995,7 +1025,9 @@ def scalarize(losses: torch.Tensor, method: str, *, state: ScalarizationState | 
                              f"available for: {with_terms}")
         out = spec.terms(losses, ctx, **opts)
     elif reduction == "sum":
-        out = spec.terms(losses, ctx, **opts).sum() if spec.terms is not None else spec.value(losses, ctx, **opts)
+        # (a scalarization without terms has a value)
+        out = (spec.terms(losses, ctx, **opts).sum() if spec.terms is not None
+               else cast("Callable[..., torch.Tensor]", spec.value)(losses, ctx, **opts))
     else:
         raise ValueError(f"reduction must be 'sum' (S) or 'none' (the per-task terms), got {reduction!r}")
     if spec.record is not None:

@@ -9,7 +9,8 @@ advances them is compiled once, not once per value.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -118,6 +119,8 @@ class NSGDState(State):
 
     method: ClassVar[str] = "nsgd"
     fields: ClassVar[Fields] = {"ref": (("K",), 1.0, False), "step": ((), 0, True)}
+    ref: torch.Tensor
+    step: torch.Tensor
 
 
 class GradNormState(State):
@@ -125,6 +128,9 @@ class GradNormState(State):
 
     method: ClassVar[str] = "gradnorm"
     fields: ClassVar[Fields] = {"theta": (("K",), 0.0, False), "ref": (("K",), 1.0, False), "step": ((), 0, True)}
+    theta: torch.Tensor
+    ref: torch.Tensor
+    step: torch.Tensor
 
 
 class GradNormLossState(GradNormState):
@@ -138,6 +144,8 @@ class GradVacState(State):
 
     method: ClassVar[str] = "gradvac"
     fields: ClassVar[Fields] = {"target": (("K", "K"), 0.0, False), "step": ((), 0, True)}
+    target: torch.Tensor
+    step: torch.Tensor
 
 
 class NashMTLState(State):
@@ -145,6 +153,8 @@ class NashMTLState(State):
 
     method: ClassVar[str] = "nash_mtl"
     fields: ClassVar[Fields] = {"alpha": (("K",), 0.0, False), "step": ((), 0, True)}
+    alpha: torch.Tensor
+    step: torch.Tensor
 
 
 class WideState(State):
@@ -198,7 +208,9 @@ class WideState(State):
         self.widths = None if widths is None else tuple(widths)
         for name in self.wide:
             value = state_dict.get(name)
-            if (value is None) != (widths is None) or (value is not None and len(value) != len(widths)):
+            # (where value is not None, widths is not None either, or the first test held)
+            if (value is None) != (widths is None) or (
+                    value is not None and len(value) != len(cast("Sequence[int]", widths))):
                 raise ValueError(f"state_dict[{name!r}] does not match its widths {widths}")
             setattr(self, name, None if value is None else
                     [torch.as_tensor(t).to(self._device).clone() for t in value])

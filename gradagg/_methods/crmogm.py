@@ -37,12 +37,13 @@ smooths the raw weights.)
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 
 from .._registry import REQUIRED, Context, Method, Option, k_vector, lookup, real_in, register, resolve_options
-from ..state import State, WideState
+from ..state import Fields, State, WideState
 
 NAME = "crmogm"
 #: Prefix of the inner method's state tensors in this state.
@@ -115,11 +116,16 @@ class CRMOGMState(State):
     (``inner_<field>``). ``fields`` depends on the inner method, so it is set per instance."""
 
     method: ClassVar[str] = NAME
+    # Set per instance: the layout depends on the inner method. (A class variable in State, which
+    # the checker does not let an instance override.)
+    fields: Fields  # type: ignore[misc]
+    w_prev: torch.Tensor
+    step: torch.Tensor
 
     def __init__(self, num_tasks: int, inner: Any, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64) -> None:
         self.fields = {"w_prev": (("K",), 0.0, False), "step": ((), 0, True)}
-        self._inner_class: type | None = None
+        self._inner_class: type[State] | None = None
         super().__init__(num_tasks, device=device, dtype=dtype)  # validates num_tasks and dtype
         spec = check_inner("inner", inner, num_tasks)
         self.inner = spec.method.name
@@ -186,7 +192,8 @@ def _crmogm(g: torch.Tensor, ctx: Context, inner: Inner, alpha: float, init: tor
                          f"Tensor [K={g.shape[-1]}]")
     inner_state = state.inner_state()
     # The call's context (generator, losses, noise, ...) with the inner method's state in place of ours.
-    w_hat = inner.method.weighting(g, ctx._replace(state=inner_state), **inner.options)
+    weighting = cast("Callable[..., torch.Tensor]", inner.method.weighting)  # (check_inner: a weighting)
+    w_hat = weighting(g, ctx._replace(state=inner_state), **inner.options)
     state.absorb(inner_state)
     w_hat = w_hat.to(g.dtype)
     if ctx.proj is not None and inner.method.unbounded_null:

@@ -56,6 +56,7 @@ class SDMGradState(_SimplexState):
 
     method: ClassVar[str] = "sdmgrad"
     fields: ClassVar[Fields] = {"w": (("K",), 0.0, False)}
+    w: torch.Tensor
 
 
 class MoDoState(_SimplexState):
@@ -63,6 +64,7 @@ class MoDoState(_SimplexState):
 
     method: ClassVar[str] = "modo"
     fields: ClassVar[Fields] = {"lam": (("K",), 0.0, False)}
+    lam: torch.Tensor
 
 
 def _keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ def _sdmgrad(a: torch.Tensor, ctx: Context, lambda_: float, n_iter: int, lr: flo
     diagonal's scale is under about 1e-4 the 1e-8 dominates and Â is no longer scale-free.
     Defaults are TorchJD's; LibMTL uses lr = 5, and the official code also multiplies d by K.
     """
-    state = ctx.state
+    state: SDMGradState = ctx.state
     target = as_vector(pref, a)
     scale = torch.diagonal(a).clamp_min(0.0).sqrt().mean()
     a_hat = a / (scale * scale + 1e-8)

@@ -29,7 +29,7 @@ makes B non-finite for good (the state must then be reset).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 
@@ -47,6 +47,8 @@ class DBMTLState(WideState):
     method: ClassVar[str] = "db_mtl"
     fields: ClassVar[Fields] = {"step": ((), 0, True)}
     wide: ClassVar[tuple[str, ...]] = ("buffer",)
+    step: torch.Tensor
+    buffer: list[torch.Tensor] | None
 
 
 def _db_mtl(rows: list[torch.Tensor], ctx: Context, beta: float, beta_sigma: float) -> list[torch.Tensor]:
@@ -57,7 +59,8 @@ def _db_mtl(rows: list[torch.Tensor], ctx: Context, beta: float, beta_sigma: flo
     data = [r.detach() for r in rows]
     state.step.add_(1)
     beta_t = beta * state.step.to(torch.float64).pow(-beta_sigma)
-    scale = 1.0 / (ctx.losses.to(torch.float64) + EPS)  # ĝ_i = scale_i g_i
+    losses = cast(torch.Tensor, ctx.losses)  # (uses_losses: present, checked by the caller)
+    scale = 1.0 / (losses.to(torch.float64) + EPS)  # ĝ_i = scale_i g_i
     if keep:  # B ← (1 − β_t) ĝ + β_t B, in place
         step = (1.0 - beta_t) * scale
         for b, r in zip(state.buffer, data):

@@ -15,6 +15,8 @@ and the rest averaged.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from .._device import on_triton
@@ -22,7 +24,7 @@ from .._registry import REQUIRED, Context, Method, Option, integer, k_vector, re
 from ..solvers import native
 
 
-def _leakage(name, value, k):
+def _leakage(name: str, value: Any, k: int) -> torch.Tensor | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * k
     vec = k_vector(nonnegative=True, positive_sum=False)(name, value, k)
@@ -39,12 +41,13 @@ def _leakage(name, value, k):
 def _abs_sums(r: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i |g_i|, Σ_i weights_i |g_i|) per coordinate."""
     plain = r[0].abs()
+    # (weighted is a tensor exactly when weights is one)
     weighted = None if weights is None else plain * weights[0]
     for i in range(1, r.shape[0]):
         row = r[i].abs()
         plain = plain + row
-        weighted = None if weights is None else weighted + weights[i] * row
-    return plain, plain if weights is None else weighted
+        weighted = None if weights is None else cast(torch.Tensor, weighted) + weights[i] * row
+    return plain, plain if weights is None else cast(torch.Tensor, weighted)
 
 
 def _middle_sum(r: torch.Tensor, t: int) -> torch.Tensor:
@@ -55,7 +58,7 @@ def _middle_sum(r: torch.Tensor, t: int) -> torch.Tensor:
     them from cancelling against large extremes. NaN propagates through max/min."""
     top: list[torch.Tensor] = []
     bottom: list[torch.Tensor] = []
-    middle = None
+    middle: torch.Tensor | None = None
     for row in range(r.shape[0]):
         x = r[row]
         for i in range(len(top)):
@@ -69,7 +72,7 @@ def _middle_sum(r: torch.Tensor, t: int) -> torch.Tensor:
             bottom.append(x)
             continue
         middle = x if middle is None else middle + x
-    return middle
+    return cast(torch.Tensor, middle)  # 2t < K: some row is a middle value
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -99,21 +102,22 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
         from ..solvers.gpu import elementwise
 
         seed = torch.randint(0, 2**62, (), generator=ctx.generator, device=rows[0].device)
-        leak = None if leakage is None else leakage.to(device=rows[0].device, dtype=torch.float64)
+        device_leak = None if leakage is None else leakage.to(device=rows[0].device, dtype=torch.float64)
         out, offset = [], 0
         for r in rows:
-            out.append(elementwise.graddrop(r, leak, seed, offset))
+            out.append(elementwise.graddrop(r, device_leak, seed, offset))
             offset += r.shape[1]
         return out
     if hashed and native.rows_ok(rows):  # one pass over J in C
         out, offset = [], 0
         for r in rows:
-            out.append(native.graddrop(r, leakage, seed, offset))
+            out.append(native.graddrop(r, leakage, cast(torch.Tensor, seed), offset))  # (drawn when hashed)
             offset += r.shape[1]
         return out
     # Per coordinate only a few sums over the tasks are needed, never a K x n mask: with
     # m = 1 − ℓ, Σ_i (1 − ℓ_i) M_i g_i = [P > U] Σ_i m_i g_i⁺ + [P < U] Σ_i m_i g_i⁻ and
     # Σ_i m_i g_i^± = ½ (mᵀJ ± mᵀ|J|).
+    leak: torch.Tensor | float
     out, offset = [], 0
     for r in rows:
         ones = torch.ones(r.shape[0], dtype=r.dtype, device=r.device)
@@ -127,7 +131,7 @@ def _graddrop(rows: list[torch.Tensor], ctx: Context, leakage: torch.Tensor | No
             signed, leak = (1.0 - ell) @ r, ell @ r
         p = 0.5 * (1.0 + torch.where(mag > 0, total / torch.where(mag > 0, mag, 1.0), 0.0))
         if hashed:
-            u = hashed_uniforms(seed, offset, r.shape[1], r.dtype)
+            u = hashed_uniforms(cast(torch.Tensor, seed), offset, r.shape[1], r.dtype)  # (drawn when hashed)
             offset += r.shape[1]
         else:
             u = torch.rand(r.shape[1], generator=ctx.generator, dtype=r.dtype, device=r.device)

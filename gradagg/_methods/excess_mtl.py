@@ -37,7 +37,7 @@ differentiable in J with w held constant.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 
@@ -58,6 +58,11 @@ class ExcessMTLState(WideState):
     fields: ClassVar[Fields] = {"w": (("K",), 0.0, False), "base": (("K",), 0.0, False),
                                 "warm": (("K",), 0.0, False), "step": ((), 0, True)}
     wide: ClassVar[tuple[str, ...]] = ("root",)
+    w: torch.Tensor
+    base: torch.Tensor
+    warm: torch.Tensor
+    step: torch.Tensor
+    root: list[torch.Tensor] | None
 
     def reset(self) -> State:
         super().reset()
@@ -68,13 +73,13 @@ class ExcessMTLState(WideState):
 def _excess(rows: list[torch.Tensor], roots: list[torch.Tensor]) -> torch.Tensor:
     """e [K] in float64 after A ← A + J ⊙ J, with A = root²: Σ_j J_ij (J_ij / hypot(root_ij, √1e-7)),
     with one K x D_l temporary per leaf."""
-    total = None
+    total: torch.Tensor | None = None
     for r, root in zip(rows, roots):
         torch.hypot(root, r, out=root)
         scratch = torch.hypot(root, root.new_full((), math.sqrt(EPS)))
         part = torch.div(r, scratch, out=scratch).mul_(r).sum(1).to(torch.float64)
         total = part if total is None else total + part
-    return total
+    return cast(torch.Tensor, total)  # (J has at least one leaf)
 
 
 def _excess_mtl(rows: list[torch.Tensor], ctx: Context, eta: float, warmup: int) -> list[torch.Tensor]:

@@ -14,6 +14,8 @@ stay positive and sum to K.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from .._device import on_triton
@@ -58,7 +60,7 @@ def _gradnorm(g: torch.Tensor, ctx: Context, alpha: float, lr: float, update_at:
 
 
 def _gradnorm_loss(g: torch.Tensor, ctx: Context, alpha: float, lr: float, update_at: int) -> torch.Tensor:
-    losses = ctx.losses.to(device=g.device, dtype=g.dtype)
+    losses = cast(torch.Tensor, ctx.losses).to(device=g.device, dtype=g.dtype)  # (uses_losses: present)
     if on_triton(g):
         return _on_device(g, ctx, alpha, lr, update_at, losses)
     return _step(g, ctx, alpha, lr, update_at, losses)

@@ -29,7 +29,7 @@ Y non-finite for good (the state must then be reset).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -120,6 +120,9 @@ class MoCoState(WideState):
     method: ClassVar[str] = "moco"
     fields: ClassVar[Fields] = {"lam": (("K",), 0.0, False), "step": ((), 0, True)}
     wide: ClassVar[tuple[str, ...]] = ("y",)
+    lam: torch.Tensor
+    step: torch.Tensor
+    y: list[torch.Tensor] | None
 
     def reset(self) -> State:
         super().reset()
@@ -138,7 +141,7 @@ def _moco(rows: list[torch.Tensor], ctx: Context, beta: float, beta_sigma: float
     beta_t = beta * t.pow(-beta_sigma)
     gamma_t = gamma * t.pow(-gamma_sigma)
     if track == "loss_unit":
-        coef = ctx.losses.to(torch.float64) / (sq_norms(data, group).sqrt() + EPS)
+        coef = cast(torch.Tensor, ctx.losses).to(torch.float64) / (sq_norms(data, group).sqrt() + EPS)  # (present)
     else:
         coef = torch.ones(k, dtype=torch.float64, device=data[0].device)
     step = beta_t * coef  # Y ← (1 − β_t) Y + β_t diag(c) J, in place, without a K x D temporary

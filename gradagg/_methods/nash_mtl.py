@@ -46,7 +46,7 @@ def _nash_impl(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor)
     return torch.where(recompute, guard(alpha, converged, "Nash-MTL's Newton solver", a), previous)
 
 
-def _nash_fake(g, previous, recompute):
+def _nash_fake(g: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(previous)
 
 

@@ -56,6 +56,8 @@ class PCDState(State):
 
     method: ClassVar[str] = "pcd"
     fields: ClassVar[Fields] = {"v": (("K",), 0.0, False), "step": ((), 0, True)}
+    v: torch.Tensor
+    step: torch.Tensor
 
     def __init__(self, num_tasks: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64) -> None:

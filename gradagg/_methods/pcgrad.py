@@ -52,7 +52,7 @@ def _pcgrad_impl(g: torch.Tensor, keys: torch.Tensor, weights: bool) -> torch.Te
     return c.sum(0) if weights else c
 
 
-def _pcgrad_fake(g, keys, weights):
+def _pcgrad_fake(g: torch.Tensor, keys: torch.Tensor, weights: bool) -> torch.Tensor:
     k = g.shape[-1]
     return g.new_empty(k) if weights else g.new_empty((k, k))
 

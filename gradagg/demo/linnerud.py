@@ -9,6 +9,9 @@ every method combines it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 import gradagg
@@ -16,7 +19,10 @@ import gradagg
 TASKS = ("weight", "waist", "pulse")
 
 
-def _problem(seed: int):
+Losses = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _problem(seed: int) -> tuple[dict[str, torch.Tensor], Losses]:
     from sklearn.datasets import load_linnerud
 
     data = load_linnerud()
@@ -52,10 +58,11 @@ def linnerud_jacobian(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Ten
     return jac, gradagg.gramian(jac)
 
 
-def demo_options(name: str, k: int) -> dict:
+def demo_options(name: str, k: int) -> dict[str, Any]:
     """Options for the methods that need some (constant weights, Krum's f, the trim count)."""
-    return {"constant": {"weights": [1.0] * k}, "krum": {"f": 0}, "trimmed_mean": {"trim": 1},
-            "crmogm": {"inner": "upgrad"}}.get(name, {})
+    options: dict[str, dict[str, Any]] = {"constant": {"weights": [1.0] * k}, "krum": {"f": 0},
+                                          "trimmed_mean": {"trim": 1}, "crmogm": {"inner": "upgrad"}}
+    return options.get(name, {})
 
 
 def table(seed: int = 0) -> str:
@@ -74,7 +81,7 @@ def table(seed: int = 0) -> str:
     for name, info in gradagg.methods().items():
         opts = demo_options(name, k)
         # Stateful methods get a fresh state: the table shows their first step.
-        extra = {"losses": losses} if info.uses_losses else {}
+        extra: dict[str, Any] = {"losses": losses} if info.uses_losses else {}
         if info.uses_cross:  # two independent batches' Jacobians in training; this table has one batch
             extra["cross"] = (jac, jac)
         def state(name: str = name, stateful: bool = info.stateful) -> gradagg.State | None:

@@ -12,6 +12,9 @@ any, in the same Adam).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,11 +27,17 @@ METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g", "
            "excess_mtl", "moco", "db_mtl", "crmogm")
 #: Loss weightings (per step: ``scalarize`` and one backward pass), trained alike.
 LOSS_METHODS = ("uw", "dwa", "famo", "geometric_mean", "imtl_l")
-OPTIONS = {"crmogm": {"inner": "upgrad", "alpha": 0.9}}
+OPTIONS: dict[str, dict[str, Any]] = {"crmogm": {"inner": "upgrad", "alpha": 0.9}}
 EPOCH = 25  # steps per "epoch" for dwa's epoch boundaries
 
 
-def make_data(seed: int, train_pairs: int = 4000, test_pairs: int = 1000):
+#: (train, test), each (images [n, 128], labels [n, 2]).
+Data = list[tuple[torch.Tensor, torch.Tensor]]
+#: (training losses per step [steps, 2], test accuracy per task [2], seconds per step).
+Result = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def make_data(seed: int, train_pairs: int = 4000, test_pairs: int = 1000) -> Data:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -47,7 +56,7 @@ def make_data(seed: int, train_pairs: int = 4000, test_pairs: int = 1000):
 
 
 class SharedBottom(torch.nn.Module):
-    def __init__(self, hidden: int = 64):
+    def __init__(self, hidden: int = 64) -> None:
         super().__init__()
         self.shared = torch.nn.Sequential(torch.nn.Linear(128, hidden), torch.nn.ReLU(),
                                           torch.nn.Linear(hidden, hidden), torch.nn.ReLU())
@@ -62,16 +71,17 @@ def task_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.nn.functional.cross_entropy(logits[:, t], y[:, t]) for t in range(2)])
 
 
-def train(method: str, data, seed: int, steps: int, batch: int = 128, lr: float = 3e-3):
+def train(method: str, data: Data, seed: int, steps: int, batch: int = 128, lr: float = 3e-3) -> Result:
     """Trains a fresh network with ``method`` (a gradient method or a loss weighting); returns the
     training losses per step, the test accuracy per task and the mean time of a step."""
     (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(seed)
     model = SharedBottom()
     loss_level = method in gradagg.scalarizations() and method not in gradagg.methods()
-    info = None if loss_level else gradagg.methods()[method]
+    info = None if loss_level else gradagg.methods()[method]  # (None: a loss weighting)
     options = OPTIONS.get(method, {})
-    if loss_level:
+    state: Any
+    if info is None:
         state = gradagg.init(method, 2) if gradagg.scalarizations()[method].stateful else None
     else:
         state = gradagg.init([(method, options)], 2) if info.stateful else None
@@ -79,16 +89,21 @@ def train(method: str, data, seed: int, steps: int, batch: int = 128, lr: float 
     optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     batches = torch.Generator().manual_seed(seed + 1)
-    history, spent = [], 0.0
+    history: list[torch.Tensor] = []
+    spent = 0.0
 
-    def jacobian(idx: torch.Tensor):
+    def jacobian(idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         yb = y_train[idx]
-        return gradagg.model_jacobian(model, x_train[idx], lambda out, yb=yb: task_losses(out, yb))
+
+        def losses_fn(out: torch.Tensor) -> torch.Tensor:
+            return task_losses(out, yb)
+
+        return gradagg.model_jacobian(model, x_train[idx], losses_fn)
 
     for step in range(steps):
         idx = torch.randint(len(y_train), (batch,), generator=batches)
         start = time.perf_counter()
-        if loss_level:
+        if info is None:
             losses = task_losses(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
             gradagg.scalarize(losses, method, state=state, generator=gen).backward()
@@ -117,9 +132,10 @@ def train(method: str, data, seed: int, steps: int, batch: int = 128, lr: float 
     return torch.stack(history), accuracy, spent / steps
 
 
-def run(out_dir, seed: int = 0, steps: int = 300, progress=None) -> str:
+def run(out_dir: Path, seed: int = 0, steps: int = 300,
+        progress: Callable[[int, int, str], None] | None = None) -> str:
     data = make_data(seed)
-    results = {}
+    results: dict[str, Result] = {}
     every = METHODS + LOSS_METHODS
     for i, method in enumerate(every):
         results[method] = train(method, data, seed, steps)
@@ -138,7 +154,7 @@ def run(out_dir, seed: int = 0, steps: int = 300, progress=None) -> str:
     return "\n".join(lines)
 
 
-def _plot(path, results) -> None:
+def _plot(path: Path, results: dict[str, Result]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -15,6 +15,9 @@ distance to the Pareto set is measured against its non-dominated points on a fin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +29,7 @@ STARTS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 #: so the "two batches" are the same), excess_mtl's K x D state and crmogm smoothing upgrad.
 METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g", "pcd", "sdmgrad", "modo",
            "excess_mtl", "crmogm")
-OPTIONS = {"crmogm": {"inner": "upgrad"}}
+OPTIONS: dict[str, dict[str, Any]] = {"crmogm": {"inner": "upgrad"}}
 FLOOR = 5e-6
 
 
@@ -66,18 +69,20 @@ def trajectories(method: str, steps: int, lr: float, seed: int) -> torch.Tensor:
     path = [x.detach().clone()]
     for _ in range(steps):
         jac = jacobians(x.detach())  # [starts, 2 tasks, 2 coordinates]
-        x.grad = torch.stack([gradagg.aggregate(j, method, state=st, generator=gen, **options,
-                                                **({"cross": (j, j)} if info.uses_cross else {}))
+        x.grad = torch.stack([gradagg.aggregate(j, method, state=st, generator=gen,
+                                                cross=(j, j) if info.uses_cross else None, **options)
                               for j, st in zip(jac, states)])
         optimizer.step()
         path.append(x.detach().clone())
     return torch.stack(path, 1)
 
 
-def run(out_dir, seed: int = 0, steps: int = 700, lr: float = 0.05, progress=None) -> str:
+def run(out_dir: Path, seed: int = 0, steps: int = 700, lr: float = 0.05,
+        progress: Callable[[int, int, str], None] | None = None) -> str:
     """Runs every method from every start, saves the plot, returns the table as text."""
     pareto = pareto_points()
-    rows, paths = [], {}
+    rows: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    paths: dict[str, list[torch.Tensor]] = {}
     start_time = time.perf_counter()
     for i, method in enumerate(METHODS):
         paths[method] = list(trajectories(method, steps, lr, seed))
@@ -99,7 +104,7 @@ def run(out_dir, seed: int = 0, steps: int = 700, lr: float = 0.05, progress=Non
     return "\n".join(lines)
 
 
-def _plot(path, paths, pareto) -> None:
+def _plot(path: Path, paths: dict[str, list[torch.Tensor]], pareto: torch.Tensor) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -21,6 +21,9 @@ try:
     from torch.library import infer_schema
 except ImportError:  # torch < 2.5
     from torch._library.infer_schema import infer_schema
+
+#: A solver body that ``opaque`` registers: the operator it returns has the same signature.
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def can_stop_early(t: torch.Tensor) -> bool:
@@ -82,7 +85,7 @@ def _hosted(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def opaque(name: str, fake: Callable[..., Any]) -> Callable[[F], F]:
     """Registers the decorated function as the operator ``gradagg::name``.
 
     Under ``torch.compile`` the operator is one opaque node (its eager body then runs inside, with
@@ -93,7 +96,7 @@ def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]]
     cost several times that). Eager calls run the function directly.
     """
 
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(fn: F) -> F:
         _LIB.define(name + infer_schema(fn, mutates_args=()))
         _LIB.impl(name, _hosted(fn), "CompositeExplicitAutograd")
         torch.library.register_fake(f"gradagg::{name}", fake, lib=_LIB)
@@ -108,6 +111,6 @@ def opaque(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]]
             return fn(*args)
 
         call.op = op  # type: ignore[attr-defined]
-        return call
+        return cast(F, call)  # fn's signature (its callers pass arguments by position)
 
     return wrap

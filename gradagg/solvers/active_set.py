@@ -158,7 +158,8 @@ def _nnqp_impl(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: in
     return guard(y, converged, "the nonnegative QP solver", a), converged
 
 
-def _nnqp_fake(a, q, reg, max_iter, refine, qscale):
+def _nnqp_fake(a: torch.Tensor, q: torch.Tensor, reg: torch.Tensor, max_iter: int, refine: int,
+               qscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(q), q.new_empty(q.shape[:1], dtype=torch.bool)
 
 

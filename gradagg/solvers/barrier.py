@@ -101,7 +101,8 @@ def _barrier_impl(
     return guard(u, converged, "the Newton solver of A u = c u^(-beta)", a), converged
 
 
-def _barrier_fake(a, c, u0, beta, max_iter):
+def _barrier_fake(a: torch.Tensor, c: torch.Tensor, u0: torch.Tensor, beta: float,
+                  max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(u0), u0.new_empty(u0.shape[:-1], dtype=torch.bool)
 
 

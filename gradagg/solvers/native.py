@@ -23,7 +23,8 @@ from ._loop import SolverError
 try:
     from .. import _kkt
 except ImportError:  # built without a C compiler: the torch solvers serve everywhere
-    _kkt = None
+    # Typed as the module: every call into it is behind ``_enabled`` (or ``available()``), False here.
+    _kkt = None  # type: ignore[assignment]
 
 _OK, _NONFINITE, _UNCONVERGED, _NOMEM, _FALLBACK = 0, 1, 2, 3, 4
 _HOST_DTYPES = (torch.float32, torch.float64)

@@ -46,7 +46,8 @@ def finite_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from .gpu import spectral as gpu_spectral
 
         return gpu_spectral.eigh(a)
-    return torch.linalg.eigh(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
+    pair: tuple[torch.Tensor, torch.Tensor] = torch.linalg.eigh(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
+    return pair
 
 
 def norms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

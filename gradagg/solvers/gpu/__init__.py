@@ -13,12 +13,28 @@ installs never need it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar, cast
+
+import torch
 import triton
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def triton_op(name: str, *, mutates_args: str | Iterable[str]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """``torch.library.triton_op`` with a precise type (torch annotates its result as a bare
+    ``Callable``): the operator is called with the arguments of the launcher it registers and
+    returns what the launcher returns."""
+    return cast("Callable[[Callable[P, R]], Callable[P, R]]",
+                torch.library.triton_op(name, mutates_args=mutates_args))
 
 
 def padded(k: int) -> int:
     """K padded to the power of two (at least 2) that a program's tiles hold."""
-    return max(2, triton.next_power_of_2(k))
+    power: int = triton.next_power_of_2(k)
+    return max(2, power)
 
 
 def warps(k: int) -> int:

@@ -22,30 +22,30 @@ UP = tl.constexpr(2.0**100)
 
 
 @triton.jit
-def nan():
+def nan() -> tl.tensor:
     """A float64 NaN."""
     return tl.full([], NAN_BITS, tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def inf():
+def inf() -> tl.tensor:
     return tl.full([], INF_BITS, tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def finite(x):
+def finite(x: tl.tensor) -> tl.tensor:
     """Whether x is finite (x − x is 0 exactly for finite x, NaN otherwise)."""
     return (x - x) == 0
 
 
 @triton.jit
-def _pow2(n):
+def _pow2(n: tl.tensor) -> tl.tensor:
     """2^n for an integer tensor n in [−1022, 1023]."""
     return ((n + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def recip(y):
+def recip(y: tl.tensor) -> tl.tensor:
     """1/y within about an ulp, for float64 y: ±0 → ±inf, ±inf → ±0, NaN → NaN.
 
     With |y| = m·2^n, m ∈ [1, 2): a float32 quotient 1/m (22 bits), two Newton steps
@@ -68,7 +68,7 @@ def recip(y):
 
 
 @triton.jit
-def rsqrt(x):
+def rsqrt(x: tl.tensor) -> tl.tensor:
     """1/√x within about an ulp, for float64 x: 0 → inf, inf → 0, x < 0 or NaN → NaN.
 
     With x = m·4^q, m ∈ [1, 4): a float32 1/√m, two Newton steps y ← y + ½ y(1 − m y²), then the
@@ -88,7 +88,7 @@ def rsqrt(x):
 
 
 @triton.jit
-def sqrt(x):
+def sqrt(x: tl.tensor) -> tl.tensor:
     """√x within about an ulp, as x · rsqrt(x): 0 → 0, inf → inf, x < 0 or NaN → NaN."""
     ok = (x > 0) & finite(x)
     safe = tl.where(ok, x, 1.0)
@@ -96,14 +96,14 @@ def sqrt(x):
 
 
 @triton.jit
-def f64(value):
+def f64(value: tl.tensor) -> tl.tensor:
     """The float64 scalar ``value``, exact: a float argument is a Python float in the interpreter,
     and a float literal in tl.where, tl.maximum or tl.minimum is rounded to float32."""
     return tl.full([], value, tl.float64)
 
 
 @triton.jit
-def div(x, y):
+def div(x: tl.tensor, y: tl.tensor) -> tl.tensor:
     """x / y without a float64 division: q = x · recip(y), then one correction by the exact residual
     x − yq where y and q are finite (x / ±∞ = 0 stays 0), which leaves q correctly rounded but in
     rare cases."""

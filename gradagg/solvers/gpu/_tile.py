@@ -12,7 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def load_square(ptr, k, KP: tl.constexpr):
+def load_square(ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """The k x k row-major matrix at ``ptr`` as a KP x KP float64 tile, padded with the identity."""
     r = tl.arange(0, KP)
     inside = (r[:, None] < k) & (r[None, :] < k)
@@ -21,64 +21,64 @@ def load_square(ptr, k, KP: tl.constexpr):
 
 
 @triton.jit
-def store_square(ptr, a, k, KP: tl.constexpr):
+def store_square(ptr: tl.tensor, a: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> None:
     r = tl.arange(0, KP)
     tl.store(ptr + r[:, None] * k + r[None, :], a, mask=(r[:, None] < k) & (r[None, :] < k))
 
 
 @triton.jit
-def load_vector(ptr, k, KP: tl.constexpr, fill: tl.constexpr):
+def load_vector(ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr, fill: tl.constexpr) -> tl.tensor:
     r = tl.arange(0, KP)
     return tl.load(ptr + r, mask=r < k, other=fill).to(tl.float64)
 
 
 @triton.jit
-def store_vector(ptr, v, k, KP: tl.constexpr):
+def store_vector(ptr: tl.tensor, v: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> None:
     r = tl.arange(0, KP)
     tl.store(ptr + r, v, mask=r < k)
 
 
 @triton.jit
-def entry(v, i, KP: tl.constexpr):
+def entry(v: tl.tensor, i: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """v[i] of a KP-vector."""
     r = tl.arange(0, KP)
     return tl.sum(tl.where(r == i, v, 0.0), 0)
 
 
 @triton.jit
-def row(a, i, KP: tl.constexpr):
+def row(a: tl.tensor, i: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """Row i of the tile, as a KP-vector."""
     r = tl.arange(0, KP)
     return tl.sum(tl.where(r[:, None] == i, a, 0.0), 0)
 
 
 @triton.jit
-def col(a, j, KP: tl.constexpr):
+def col(a: tl.tensor, j: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """Column j of the tile, as a KP-vector."""
     r = tl.arange(0, KP)
     return tl.sum(tl.where(r[None, :] == j, a, 0.0), 1)
 
 
 @triton.jit
-def diagonal(a, KP: tl.constexpr):
+def diagonal(a: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     r = tl.arange(0, KP)
     return tl.sum(tl.where(r[:, None] == r[None, :], a, 0.0), 1)
 
 
 @triton.jit
-def matvec(a, x):
+def matvec(a: tl.tensor, x: tl.tensor) -> tl.tensor:
     """A x."""
     return tl.sum(a * x[None, :], 1)
 
 
 @triton.jit
-def vecmat(x, a):
+def vecmat(x: tl.tensor, a: tl.tensor) -> tl.tensor:
     """xᵀ A (equal to A x for symmetric A, with the result laid out along the columns)."""
     return tl.sum(x[:, None] * a, 0)
 
 
 @triton.jit
-def masked_solve(a, q, free, KP: tl.constexpr):
+def masked_solve(a: tl.tensor, q: tl.tensor, free: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """z with A_FF z_F = q_F and z = 0 off F, for the free set F (a KP-vector of 0/1 as float64).
 
     Gauss–Jordan elimination without pivoting on A_FF padded with the identity: for A symmetric

@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ class Kernel:
     fn: Any
     signature: dict[str, str]
     constexprs: dict[str, Any] = field(default_factory=dict)
-    warps: Any = None  # a function of KP, default ``gpu.warps``
+    warps: Callable[[int], int] | None = None  # a function of KP, default ``gpu.warps``
 
 
 def kernels() -> Iterator[tuple[str, Kernel]]:
@@ -79,7 +79,9 @@ def compile_one(kernel: Kernel, kp: int, capability: int) -> tuple[int, int]:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(compiled.asm["ptx"])
-        arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)  # sm_90a for capability 90
+        target = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"])
+        assert target is not None, "a PTX module names its target"
+        arch = target.group(1)  # sm_90a for capability 90
         out = subprocess.run([ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
     regs = max((int(x) for x in re.findall(r"Used (\d+) registers", out)), default=0)

@@ -15,9 +15,11 @@ not reach them.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from torch._library.custom_ops import OPDEFS
+from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -29,20 +31,21 @@ READS = frozenset({"aten._local_scalar_dense.default", "aten.is_nonzero.default"
 
 class Census(TorchDispatchMode):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # (torch leaves it unannotated)
         self.ops: Counter[str] = Counter()
         self.launches = 0
         self.reads: list[str] = []
         self.opaque: list[str] = []
         self._paused = 0
-        self._saved: list[tuple[type, Any]] = []
+        self._saved: list[tuple[type[Any], Any]] = []
 
     @property
     def total(self) -> int:
         """Torch ops plus kernel launches."""
         return sum(self.ops.values()) + self.launches
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: OpOverload, types: Sequence[type], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if self._paused:
             return func(*args, **kwargs)
@@ -60,13 +63,15 @@ class Census(TorchDispatchMode):
 
     def __enter__(self) -> Census:
         if not self._saved:  # (re-entered from inside a Triton operator: already patched)
-            for cls in (JITFunction, InterpretedFunction):
+            launchers: tuple[type[Any], ...] = (JITFunction, InterpretedFunction)
+            for cls in launchers:
                 self._saved.append((cls, cls.run))
                 cls.run = self._launch(cls.run)
-        return super().__enter__()
+        entered: Census = super().__enter__()  # type: ignore[no-untyped-call]  # (it returns self)
+        return entered
 
     def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]
         if self._paused == 0 and not self._inside():
             for cls, run in self._saved:
                 cls.run = run

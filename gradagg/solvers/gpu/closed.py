@@ -46,12 +46,14 @@ device functions of ``gpu.spectral`` keep theirs. ``_definite`` and ``_unit_inve
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import spectral as _spectral
-from . import aot, padded
+from . import aot, padded, triton_op
 from ._float import div, f64, inf, nan, recip, rsqrt, sqrt
 from ._tile import col, diagonal, entry, load_square, load_vector, row, store_vector
 from .spectral import SVD_TOL, _finite, _jacobi, _negligible, _one_sided, _pow2_scale, _ranks, _warps
@@ -74,7 +76,7 @@ RMSE = tl.constexpr(2)
 # Device functions
 
 @triton.jit
-def _gramian(g_ptr, k, KP: tl.constexpr):
+def _gramian(g_ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(G, finite): the k x k Gramian at ``g_ptr`` as a tile with identity padding, its lower
     triangle mirrored (as eigh reads it), zeroed where some entry is not finite (finite: int32)."""
     r = tl.arange(0, KP)
@@ -85,7 +87,7 @@ def _gramian(g_ptr, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _norms(g, k, KP: tl.constexpr):
+def _norms(g: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """(n, s, pos) of ``solvers.spectral.norms``: √G_ii, 1/√G_ii and G_ii > 0 on the rows i < k,
     n = s = 0 elsewhere."""
     r = tl.arange(0, KP)
@@ -97,7 +99,7 @@ def _norms(g, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _unit_scaled(g, s, k, KP: tl.constexpr):
+def _unit_scaled(g: tl.tensor, s: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """A = S G S on the k x k block (zero rows stay zero, as in torch), identity padding."""
     r = tl.arange(0, KP)
     inside = (r[:, None] < k) & (r[None, :] < k)
@@ -105,7 +107,8 @@ def _unit_scaled(g, s, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _scaled_eigh(a, settled, k, KP: tl.constexpr):
+def _scaled_eigh(a: tl.tensor, settled: tl.tensor, k: tl.tensor,
+                 KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
     """(λ, V, converged, scale) of the k x k block of the symmetric tile ``a`` by ``spectral._jacobi``
     after an exact power-of-two scaling of the block (the padding keeps its unit diagonal and stays
     decoupled): λ is unsorted and of (scale · A); ``settled`` (int32) skips the sweeps."""
@@ -117,7 +120,7 @@ def _scaled_eigh(a, settled, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _kept(lam, cut, k, KP: tl.constexpr):
+def _kept(lam: tl.tensor, cut: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(keep, low) of ``scaled_spectrum``: λ > max(RTOL max λ, cut) on i < k, and the smallest
     kept λ (∞ if none)."""
     r = tl.arange(0, KP)
@@ -128,14 +131,15 @@ def _kept(lam, cut, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _perpendicular_tol(cut, low):
+def _perpendicular_tol(cut: tl.tensor, low: tl.tensor) -> tl.tensor:
     """``spectral.perpendicular_tol``: cut / low within [1e-12, ½]."""
     t = div(cut, low)
     return tl.where(t < PERP_MIN, f64(PERP_MIN), tl.where(t > PERP_MAX, f64(PERP_MAX), t))
 
 
 @triton.jit
-def _unit_inverse(a, pos, cut, KP: tl.constexpr):
+def _unit_inverse(a: tl.tensor, pos: tl.tensor, cut: tl.tensor,
+                  KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """(coef, bound, fast) of C ``unit_pinv_ones``: coef = A_PP⁻¹ 1_P (0 off P), bound =
     1/‖A_PP⁻¹‖_F ≤ λ_min(A_PP), and fast (int32) where every pivot is positive and bound exceeds
     both the cut and 1e-10 |P| (then no eigenvalue of A_PP is under the spectrum's cut).
@@ -166,7 +170,7 @@ def _unit_inverse(a, pos, cut, KP: tl.constexpr):
 
 
 @triton.jit
-def _definite(m, KP: tl.constexpr):
+def _definite(m: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """Whether the symmetric tile ``m`` has a Cholesky factor (int32): every pivot of its LDLᵀ
     elimination is positive (C ``cholesky``'s test)."""
     ok = 1
@@ -179,7 +183,7 @@ def _definite(m, KP: tl.constexpr):
 
 
 @triton.jit
-def _pinv_front(g_ptr, k, cut, KP: tl.constexpr):
+def _pinv_front(g_ptr: tl.tensor, k: tl.tensor, cut: tl.tensor, KP: tl.constexpr) -> tuple[tl.tensor, ...]:
     """What IMTL-G and ConFIG share: the fast path's (coef, bound, fast), then the spectrum of A
     (its sweeps skipped where fast or G is not finite): (coef, bound, fast, λ, V, keep, low, ok)
     with ok (int32) false where G is not finite or the sweeps ran out."""
@@ -197,7 +201,7 @@ def _pinv_front(g_ptr, k, cut, KP: tl.constexpr):
 # Kernels
 
 @triton.jit
-def _imtl_g_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
+def _imtl_g_kernel(g_ptr: tl.tensor, w_ptr: tl.tensor, k: tl.tensor, cut: tl.tensor, KP: tl.constexpr) -> None:
     """IMTL-G's w = G⁺n / Σ G⁺n (``_imtl_g_impl``; C ``imtl_g_solve`` where A is invertible)."""
     r = tl.arange(0, KP)
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(tl.float64)
@@ -226,7 +230,7 @@ def _imtl_g_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
 
 
 @triton.jit
-def _config_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
+def _config_kernel(g_ptr: tl.tensor, w_ptr: tl.tensor, k: tl.tensor, cut: tl.tensor, KP: tl.constexpr) -> None:
     """ConFIG's w = (1ᵀGv / vᵀGv) v, v = S A⁺ 1_P (``_config_impl``; C ``config_solve`` where A
     is invertible)."""
     r = tl.arange(0, KP)
@@ -249,7 +253,8 @@ def _config_kernel(g_ptr, w_ptr, k, cut, KP: tl.constexpr):
 
 
 @triton.jit
-def _aligned_kernel(g_ptr, pref_ptr, w_ptr, k, mode, cut, KP: tl.constexpr):
+def _aligned_kernel(g_ptr: tl.tensor, pref_ptr: tl.tensor, w_ptr: tl.tensor, k: tl.tensor, mode: tl.tensor,
+                    cut: tl.tensor, KP: tl.constexpr) -> None:
     """Aligned-MTL's w = σ U diag(1/σ_j) Uᵀ p over the valid eigenpairs of G (``_aligned_impl``;
     C ``aligned_solve`` where A is provably above the cut)."""
     r = tl.arange(0, KP)
@@ -310,12 +315,13 @@ def _aligned_warps(kp: int) -> int:
     return 8 if kp == 32 else _warps(kp)
 
 
-def _launch(kernel, k: int, *args, warps=_warps) -> None:
+def _launch(kernel: triton.JITFunction, k: int, *args: torch.Tensor | int | float,
+            warps: Callable[[int], int] = _warps) -> None:
     kp = padded(k)
     torch.library.wrap_triton(kernel)[(1,)](*args, KP=kp, num_warps=warps(kp))
 
 
-@torch.library.triton_op("gradagg::tr_imtl_g", mutates_args=())
+@triton_op("gradagg::tr_imtl_g", mutates_args=())
 def _imtl_g_op(g: torch.Tensor, cut: float) -> torch.Tensor:
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64, device=g.device)
@@ -323,7 +329,7 @@ def _imtl_g_op(g: torch.Tensor, cut: float) -> torch.Tensor:
     return w
 
 
-@torch.library.triton_op("gradagg::tr_config", mutates_args=())
+@triton_op("gradagg::tr_config", mutates_args=())
 def _config_op(g: torch.Tensor, cut: float) -> torch.Tensor:
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64, device=g.device)
@@ -331,7 +337,7 @@ def _config_op(g: torch.Tensor, cut: float) -> torch.Tensor:
     return w
 
 
-@torch.library.triton_op("gradagg::tr_aligned_mtl", mutates_args=())
+@triton_op("gradagg::tr_aligned_mtl", mutates_args=())
 def _aligned_op(g: torch.Tensor, pref: torch.Tensor, mode: int, cut: float) -> torch.Tensor:
     k = g.shape[-1]
     w = torch.empty(k, dtype=torch.float64, device=g.device)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from . import padded
+from . import padded, triton_op
 from .aot import Kernel
 
 
@@ -34,7 +34,8 @@ def block(kp: int) -> int:
 
 
 @triton.jit
-def _trimmed_mean_kernel(r_ptr, out_ptr, k, n, s0, s1, trim, KP: tl.constexpr, BLOCK: tl.constexpr):
+def _trimmed_mean_kernel(r_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor, n: tl.tensor, s0: tl.tensor, s1: tl.tensor,
+                         trim: tl.tensor, KP: tl.constexpr, BLOCK: tl.constexpr) -> None:
     rows = tl.arange(0, KP)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = (rows[:, None] < k) & (cols[None, :] < n)
@@ -52,7 +53,7 @@ def _trimmed_mean_kernel(r_ptr, out_ptr, k, n, s0, s1, trim, KP: tl.constexpr, B
 
 
 @triton.jit
-def _lowbias32(x):
+def _lowbias32(x: tl.tensor) -> tl.tensor:
     """The "lowbias32" integer hash on uint32 (wrapping products), as in the C pass."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
@@ -62,8 +63,9 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _graddrop_kernel(r_ptr, leak_ptr, seed_ptr, out_ptr, k, n, s0, s1, offset, LEAK: tl.constexpr,
-                     KP: tl.constexpr, BLOCK: tl.constexpr):
+def _graddrop_kernel(r_ptr: tl.tensor, leak_ptr: tl.tensor, seed_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor,
+                     n: tl.tensor, s0: tl.tensor, s1: tl.tensor, offset: tl.tensor, LEAK: tl.constexpr,
+                     KP: tl.constexpr, BLOCK: tl.constexpr) -> None:
     rows = tl.arange(0, KP)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = (rows[:, None] < k) & (cols[None, :] < n)

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import barrier
-from . import padded, warps
+from . import padded, triton_op, warps
 from ._float import finite, nan, recip, rsqrt
 from ._tile import col, entry, load_square, load_vector, row, vecmat
 from .aot import Kernel
@@ -51,7 +51,7 @@ DBL_MIN = tl.constexpr(2.2250738585072014e-308)
 
 
 @triton.jit
-def power(u, p):
+def power(u: tl.tensor, p: tl.tensor) -> tl.tensor:
     """u^p for u > 0 and a scalar p: 1 for p = 0, ``recip(u)`` (within an ulp) for p = −1 and its
     square for p = −2, exp(p log u) otherwise."""
     inv = recip(u)
@@ -59,7 +59,7 @@ def power(u, p):
 
 
 @triton.jit
-def spd_solve(m, diag, z, k, KP: tl.constexpr):
+def spd_solve(m: tl.tensor, diag: tl.tensor, z: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """x with M x = z, for M symmetric positive definite with the diagonal ``diag`` and the
     off-diagonal entries of the tile m (whose own diagonal is not read), padded beyond k with a
     decoupled diagonal (where z is 0).
@@ -81,7 +81,7 @@ def spd_solve(m, diag, z, k, KP: tl.constexpr):
 
 
 @triton.jit
-def residual(a, c, u, beta):
+def residual(a: tl.tensor, c: tl.tensor, u: tl.tensor, beta: tl.tensor) -> tl.tensor:
     """The componentwise backward error (C ``residual``); NaN when any row gives NaN. (The padding
     rows are exact roots, A_pp = c_p = u_p = 1: their error is 0.)"""
     rhs = c * power(u, -beta)
@@ -91,7 +91,7 @@ def residual(a, c, u, beta):
 
 
 @triton.jit
-def objective(a, c, u, beta, inside):
+def objective(a: tl.tensor, c: tl.tensor, u: tl.tensor, beta: tl.tensor, inside: tl.tensor) -> tl.tensor:
     """h(u) = ½ uᵀAu − Σ c_i φ(u_i), φ = log for β = 1, else u^(1−β)/(1−β) (C ``objective``), over
     the rows where the float mask ``inside`` is 1."""
     quad = tl.sum(vecmat(u, a) * u * inside, 0)
@@ -100,19 +100,22 @@ def objective(a, c, u, beta, inside):
 
 
 @triton.jit
-def positive(x):
+def positive(x: tl.tensor) -> tl.tensor:
     """1 if every entry of x is > 0, else 0 (an int32: flags kept as i1 across loops get spilled)."""
     return (tl.sum(tl.where(x > 0, 0, 1), 0) == 0).to(tl.int32)
 
 
 @triton.jit
-def armijo(a, c, trial, beta, inside, h_now, bound):
+def armijo(a: tl.tensor, c: tl.tensor, trial: tl.tensor, beta: tl.tensor, inside: tl.tensor, h_now: tl.tensor,
+           bound: tl.tensor) -> tl.tensor:
     """1 if the trial point is positive and h(trial) ≤ h_now + bound (bound = 1e-4 · length · slope)."""
     return positive(trial) & (objective(a, c, trial, beta, inside) <= h_now + bound).to(tl.int32)
 
 
 @triton.jit
-def solve(a, c, u0, scale, fallback, beta, max_iter, k, inside, skip, KP: tl.constexpr):
+def solve(a: tl.tensor, c: tl.tensor, u0: tl.tensor, scale: tl.tensor, fallback: tl.tensor, beta: tl.tensor,
+          max_iter: tl.tensor, k: tl.tensor, inside: tl.tensor, skip: tl.tensor,
+          KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(scale ⊙ u for the best iterate u of Newton's method from u0, its backward error)
     (C ``barrier_solve``). ``skip`` (an int32 flag: a problem known to be non-finite, or not to be
     solved) returns (``fallback``, −1) without iterating. ``inside`` is 1.0 on the k rows, 0.0 on
@@ -168,8 +171,8 @@ def solve(a, c, u0, scale, fallback, beta, max_iter, k, inside, skip, KP: tl.con
 
 
 @triton.jit
-def _barrier_kernel(g_ptr, prev_ptr, flag_ptr, out_ptr, k, beta: tl.float64, max_iter, KP: tl.constexpr,
-                    NASH: tl.constexpr):
+def _barrier_kernel(g_ptr: tl.tensor, prev_ptr: tl.tensor, flag_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor,
+                    beta: tl.float64, max_iter: tl.tensor, KP: tl.constexpr, NASH: tl.constexpr) -> None:
     """FairGrad's w (C ``fairgrad_solve``), or with NASH Nash-MTL's α (C ``nash_solve``, β = 1),
     warm-started from prev and returned as prev where the flag (a bool) is false."""
     # A float64 scalar also in the interpreter, which would make a bare Python float a float32.

@@ -29,7 +29,7 @@ from ..._methods import cagrad as _cagrad
 from ..._methods import dual_cone as _dual_cone
 from ..._methods import mgda as _mgda
 from ..active_set import SIGN_TOL, default_budget
-from . import aot, padded, warps
+from . import aot, padded, triton_op, warps
 from ._float import div, f64, finite, inf, nan, recip, rsqrt, sqrt
 from ._tile import entry, load_square, load_vector, row, store_vector, vecmat
 
@@ -54,26 +54,27 @@ def _warps(kp: int) -> int:
 # Generic device functions (any kernel may use them)
 
 @triton.jit
-def full(value, KP: tl.constexpr):
+def full(value: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """A float64 KP-vector of ``value``, exact (tl.where rounds a Python float to float32)."""
     return tl.full([KP], value, tl.float64)
 
 
 @triton.jit
-def diag(a, KP: tl.constexpr):
+def diag(a: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """The diagonal of the tile, laid out along its columns (like ``vecmat``'s results)."""
     r = tl.arange(0, KP)
     return tl.sum(tl.where(r[:, None] == r[None, :], a, 0.0), 0)
 
 
 @triton.jit
-def all_finite(a):
+def all_finite(a: tl.tensor) -> tl.tensor:
     """Whether every entry of the tile is finite."""
     return tl.sum(tl.sum(tl.where(finite(a), 0, 1), 1), 0) == 0
 
 
 @triton.jit
-def solve_on(a, u, v, free, KP: tl.constexpr):
+def solve_on(a: tl.tensor, u: tl.tensor, v: tl.tensor, free: tl.tensor,
+             KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """(x, y, ok): A_FF x_F = u_F and A_FF y_F = v_F on the free set F (an int1 KP-vector), 0 off F.
 
     Symmetric Gaussian elimination without pivoting (LDLᵀ, reading only the upper triangle as a
@@ -113,7 +114,8 @@ def solve_on(a, u, v, free, KP: tl.constexpr):
 # The NNQP
 
 @triton.jit
-def nnqp(a, q, qscale, y0, work, k, budget, KP: tl.constexpr):
+def nnqp(a: tl.tensor, q: tl.tensor, qscale: tl.tensor, y0: tl.tensor, work: tl.tensor, k: tl.tensor, budget: tl.tensor,
+         KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(y, converged) for min ½ yᵀAy − qᵀy, y ≥ 0 (``nnqp_one`` of _kkt.c, ``active_set.nnqp``).
 
     A is the padded tile in unit-diagonal scaling (identity padding, and q = qscale = 0 there);
@@ -180,7 +182,8 @@ def nnqp(a, q, qscale, y0, work, k, budget, KP: tl.constexpr):
 
 
 @triton.jit
-def refined(a, q, eps, zero_eps, qscale, k, budget, KP: tl.constexpr):
+def refined(a: tl.tensor, q: tl.tensor, eps: tl.tensor, zero_eps: tl.tensor, qscale: tl.tensor, k: tl.tensor,
+            budget: tl.tensor, KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(y, converged): ``nnqp`` for A = Â + diag(reg), then up to REFINE proximal-point steps
     (``nnqp_refined`` of _kkt.c, ``active_set.refined_nnqp``), each the same NNQP for q + reg ⊙ y_k
     warm-started at y_k, which removes the regularisation's bias; they stop once a step moves y by
@@ -206,14 +209,15 @@ def refined(a, q, eps, zero_eps, qscale, k, budget, KP: tl.constexpr):
 
 
 @triton.jit
-def scales(d, k, KP: tl.constexpr):
+def scales(d: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """s_i = 1/√d_i for the diagonal d of G (1 for zero rows and the padding)."""
     r = tl.arange(0, KP)
     return tl.where((r < k) & (d > 0.0), rsqrt(tl.where(d > 0.0, d, 1.0)), 1.0)
 
 
 @triton.jit
-def scaled(g, eps, zero_eps, k, KP: tl.constexpr):
+def scaled(g: tl.tensor, eps: tl.tensor, zero_eps: tl.tensor, k: tl.tensor,
+           KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(A, s) of ``scale_gramian`` (``active_set.scaled_gramian``): A = S G S + diag(reg),
     s_i = 1/√G_ii (1 for zero rows), reg_i = eps (zero_eps for zero rows); identity padding.
     S G S is formed as G_ij (s_i s_j), exactly symmetric for a symmetric G."""
@@ -229,7 +233,7 @@ def scaled(g, eps, zero_eps, k, KP: tl.constexpr):
 
 
 @triton.jit
-def cone_row(g_ptr, u, k, budget, KP: tl.constexpr):
+def cone_row(g_ptr: tl.tensor, u: tl.tensor, k: tl.tensor, budget: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """v = argmin_{v ≥ u} vᵀGv for the k x k G at g_ptr, one row of ``dual_cone_solve``: with (A, s)
     the scaling of G (eps = 1e-10 on every row) and b = S⁻¹u, v = S(z + b) for z the refined NNQP
     of A and q = −Aᵀb + eps b (the proximal steps centre on y = z + b). NaN where unsolved, or for
@@ -250,7 +254,7 @@ def cone_row(g_ptr, u, k, budget, KP: tl.constexpr):
 
 
 @triton.jit
-def quad(g, x):
+def quad(g: tl.tensor, x: tl.tensor) -> tl.tensor:
     """xᵀGx."""
     return tl.sum(vecmat(x, g) * x, 0)
 
@@ -259,7 +263,7 @@ def quad(g, x):
 # Kernels
 
 @triton.jit
-def mgda_kernel(g_ptr, w_ptr, k, budget, KP: tl.constexpr):
+def mgda_kernel(g_ptr: tl.tensor, w_ptr: tl.tensor, k: tl.tensor, budget: tl.tensor, KP: tl.constexpr) -> None:
     """w = argmin_{w ∈ Δ} wᵀGw (``mgda_solve``): w = Sy / Σ Sy for the refined NNQP of A = SGS + εI
     and q = s (ε = 1e-10, 1e-300 on zero rows), each NNQP within ``budget`` iterations."""
     r = tl.arange(0, KP)
@@ -272,7 +276,8 @@ def mgda_kernel(g_ptr, w_ptr, k, budget, KP: tl.constexpr):
 
 
 @triton.jit
-def dual_cone_kernel(g_ptr, lower_ptr, out_ptr, k, budget, KP: tl.constexpr):
+def dual_cone_kernel(g_ptr: tl.tensor, lower_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor, budget: tl.tensor,
+                     KP: tl.constexpr) -> None:
     """Row ``program_id(0)`` of ``dual_cone_solve``: argmin_{v ≥ u} vᵀGv for the row u of lower."""
     p = tl.program_id(0)
     u = load_vector(lower_ptr + p * k, k, KP, 0.0)
@@ -280,7 +285,8 @@ def dual_cone_kernel(g_ptr, lower_ptr, out_ptr, k, budget, KP: tl.constexpr):
 
 
 @triton.jit
-def cagrad_kernel(g_ptr, w_ptr, k, c: tl.float64, max_outer, budget, KP: tl.constexpr):
+def cagrad_kernel(g_ptr: tl.tensor, w_ptr: tl.tensor, k: tl.tensor, c: tl.float64, max_outer: tl.tensor,
+                  budget: tl.tensor, KP: tl.constexpr) -> None:
     """CAGrad's weights w = 1/K + r Su / ‖Jᵀ Su‖ before the degenerate case (``cagrad_solve``).
 
     For u(λ) the NNQP of A = S Gn S + εI (Gn = G / max G_ii, ε = 1e-12) and q = S(λ1 − b),
@@ -348,8 +354,8 @@ def cagrad_kernel(g_ptr, w_ptr, k, c: tl.float64, max_outer, budget, KP: tl.cons
 
 
 @triton.jit
-def cagrad_fallback_kernel(g_ptr, w_ptr, out_ptr, k, c: tl.float64, divisor: tl.float64, budget,
-                           KP: tl.constexpr):
+def cagrad_fallback_kernel(g_ptr: tl.tensor, w_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor, c: tl.float64,
+                           divisor: tl.float64, budget: tl.tensor, KP: tl.constexpr) -> None:
     """CAGrad's degenerate case, then the division (``cagrad_fallback``, end of ``w_cagrad``).
 
     Where Jᵀw* = 0 every d of the ball with min_i g_i·d = 0 is optimal; the nearest to g0 is g0
@@ -407,13 +413,13 @@ def launch_cagrad(g: torch.Tensor, c: float, max_outer: int, divisor: float, bud
     return out
 
 
-@torch.library.triton_op("gradagg::tr_mgda", mutates_args=())
+@triton_op("gradagg::tr_mgda", mutates_args=())
 def mgda(g: torch.Tensor) -> torch.Tensor:
     """MGDA's weights for the float64 Gramian g [K, K] (``native.mgda``); NaN where unsolved."""
     return launch_mgda(g.contiguous(), default_budget(g.shape[-1]))
 
 
-@torch.library.triton_op("gradagg::tr_dual_cone", mutates_args=())
+@triton_op("gradagg::tr_dual_cone", mutates_args=())
 def dual_cone(g: torch.Tensor, lower: torch.Tensor, sum_rows: bool) -> torch.Tensor:
     """argmin_{v ≥ u} vᵀGv for each row u of lower [B, K] (``native.dual_cone``): [B, K], or their
     sum [K] with ``sum_rows``. One program per row: an unsolved row is NaN (and so is the sum)."""
@@ -421,7 +427,7 @@ def dual_cone(g: torch.Tensor, lower: torch.Tensor, sum_rows: bool) -> torch.Ten
     return out.sum(0) if sum_rows else out
 
 
-@torch.library.triton_op("gradagg::tr_cagrad", mutates_args=())
+@triton_op("gradagg::tr_cagrad", mutates_args=())
 def cagrad(g: torch.Tensor, c: float, max_outer: int, divisor: float) -> torch.Tensor:
     """CAGrad's weights divided by ``divisor`` (``native.cagrad``), degenerate case included; NaN
     where unsolved."""

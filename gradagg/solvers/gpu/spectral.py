@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import aot, padded, warps
+from . import aot, padded, triton_op, warps
 from ._tile import diagonal, load_square, load_vector, row, store_square
 
 #: Sweeps of every Jacobi method here (that of C ``jacobi_eigh``).
@@ -76,7 +76,7 @@ def _warps(kp: int) -> int:
 
 
 @triton.jit
-def _partner(i, rnd, KP: tl.constexpr):
+def _partner(i: tl.tensor, rnd: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """Index paired with i in round ``rnd`` (0 … KP − 2) of the circle-method round robin: i and j
     meet where i + j ≡ 2 rnd (mod KP − 1); the index that would meet itself meets KP − 1."""
     m = KP - 1
@@ -85,7 +85,8 @@ def _partner(i, rnd, KP: tl.constexpr):
 
 
 @triton.jit
-def _rotation(app, aqq, apq, lo, tol):
+def _rotation(app: tl.tensor, aqq: tl.tensor, apq: tl.tensor, lo: tl.tensor,
+              tol: tl.tensor) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
     """(turn, t, signed s, c) of the Jacobi rotation for the pair of lane i (``lo``: i is p < q): s
     carries the sign of its side, so that x_i ← c x_i + s x_partner rotates both members. A pair
     with a_pq negligible by the relative test does not turn (t = 0, c = 1, s = 0)."""
@@ -98,7 +99,7 @@ def _rotation(app, aqq, apq, lo, tol):
 
 
 @triton.jit
-def _jacobi(a, done, KP: tl.constexpr):
+def _jacobi(a: tl.tensor, done: tl.tensor, KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """(λ, V, converged): two-sided Jacobi on the symmetric tile ``a`` (port of C ``jacobi_eigh``,
     round-robin order), starting with ``done`` (int32 0/1, 1 skips every sweep: then λ is the
     diagonal and V = I). λ is unsorted; V holds the eigenvectors as columns."""
@@ -108,7 +109,7 @@ def _jacobi(a, done, KP: tl.constexpr):
     v = tl.where(rows == cols, 1.0, 0.0).to(tl.float64)
     sweep = 0
     while (sweep < SWEEPS) & (done == 0):
-        rotated = 0
+        rotated: tl.tensor = 0  # (an int32 scalar in the compiled kernel)
         for rnd in range(KP - 1):
             pt = _partner(r, rnd, KP)
             by_col = tl.broadcast_to(pt[None, :], (KP, KP))
@@ -132,7 +133,7 @@ def _jacobi(a, done, KP: tl.constexpr):
 
 
 @triton.jit
-def _pow2_scale(a):
+def _pow2_scale(a: tl.tensor) -> tl.tensor:
     """2^(1023 − e) for e the biased exponent of max |a_ij|: an exact scaling that brings the
     largest entry into [1, 2), so that θ and the products of the tests cannot overflow."""
     peak = tl.max(tl.max(tl.abs(a), 1), 0)
@@ -142,7 +143,7 @@ def _pow2_scale(a):
 
 
 @triton.jit
-def _ranks(x, k, KP: tl.constexpr, DESCENDING: tl.constexpr):
+def _ranks(x: tl.tensor, k: tl.tensor, KP: tl.constexpr, DESCENDING: tl.constexpr) -> tl.tensor:
     """Position of each x_i (i < k) in the sorted order, ties by index."""
     r = tl.arange(0, KP)
     xi = x[:, None]
@@ -155,19 +156,19 @@ def _ranks(x, k, KP: tl.constexpr, DESCENDING: tl.constexpr):
 
 
 @triton.jit
-def _negligible(u, inv, norm2, tol):
+def _negligible(u: tl.tensor, inv: tl.tensor, norm2: tl.tensor, tol: tl.tensor) -> tl.tensor:
     """Whether each row j of W adds less than tol of ‖F_i‖ to every row F_i = Σ_j U_ij w_j."""
     share = tl.max(tl.abs(u) * inv[:, None], 0)
     return tl.sqrt(norm2) * share <= tol
 
 
 @triton.jit
-def _finite(x):
+def _finite(x: tl.tensor) -> tl.tensor:
     return (x == x) & (tl.abs(x) < float("inf"))
 
 
 @triton.jit
-def _eigh_kernel(a_ptr, lam_ptr, vec_ptr, k, KP: tl.constexpr):
+def _eigh_kernel(a_ptr: tl.tensor, lam_ptr: tl.tensor, vec_ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> None:
     """Eigenvalues (ascending) and eigenvectors (columns) of the symmetric k x k matrix at ``a_ptr``
     (its lower triangle, like LAPACK's ``eigh``): ``_jacobi`` on the matrix scaled by a power of two."""
     r = tl.arange(0, KP)
@@ -188,7 +189,8 @@ def _eigh_kernel(a_ptr, lam_ptr, vec_ptr, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _clean_kernel(raw_ptr, g_ptr, proj_ptr, status_ptr, k, cut, tiny, KP: tl.constexpr):
+def _clean_kernel(raw_ptr: tl.tensor, g_ptr: tl.tensor, proj_ptr: tl.tensor, status_ptr: tl.tensor, k: tl.tensor,
+                  cut: tl.tensor, tiny: tl.tensor, KP: tl.constexpr) -> None:
     """The clean Gramian and its range projector: C ``py_prepare`` (symmetrise, flags), then, where
     a Cholesky factorisation of A − cut·I fails (``spectral.well_above``), ``spectral.denoise`` with
     this module's Jacobi in place of eigh.
@@ -247,14 +249,15 @@ def _clean_kernel(raw_ptr, g_ptr, proj_ptr, status_ptr, k, cut, tiny, KP: tl.con
 
 
 @triton.jit
-def _symmetrised(raw_ptr, k, KP: tl.constexpr):
+def _symmetrised(raw_ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """½(raw + rawᵀ) in float64, as C ``py_prepare`` forms it (exactly symmetric)."""
     raw = load_square(raw_ptr, k, KP)
     return 0.5 * (raw + tl.trans(raw))
 
 
 @triton.jit
-def _one_sided(w, u, settled, KP: tl.constexpr):
+def _one_sided(w: tl.tensor, u: tl.tensor, settled: tl.tensor,
+               KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
     """(W, U, converged, inv): the one-sided Jacobi SVD described above on the factor tile ``w``
     (rows F_i; zero rows and the padding are zero), rotating its rows while ``u`` (the identity, or
     the rotation so far) accumulates the rotations; ``settled`` (int32 0/1) runs no sweep. ``inv`` holds
@@ -268,7 +271,7 @@ def _one_sided(w, u, settled, KP: tl.constexpr):
     sweep = 0
     done = settled
     while (sweep < SWEEPS) & (done == 0):
-        rotated = 0
+        rotated: tl.tensor = 0  # (an int32 scalar in the compiled kernel)
         for rnd in range(KP - 1):
             pt = _partner(r, rnd, KP)
             by_col = tl.broadcast_to(pt[None, :], (KP, KP))
@@ -295,7 +298,8 @@ def _one_sided(w, u, settled, KP: tl.constexpr):
 
 
 @triton.jit
-def _graded_sigma2(w, u, inv, count, k, KP: tl.constexpr):
+def _graded_sigma2(w: tl.tensor, u: tl.tensor, inv: tl.tensor, count: tl.tensor, k: tl.tensor,
+                   KP: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """(σ², rank) after ``_one_sided``: σ²_j = ‖w_j‖², 0 for a negligible row (rounding ranks last)
     and beyond the ``count`` largest; rank is each σ²'s position in descending order (σ² itself is
     in the order of U's columns)."""
@@ -306,7 +310,8 @@ def _graded_sigma2(w, u, inv, count, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _graded_kernel(n_ptr, vec_ptr, lam_ptr, keep_ptr, u_ptr, sigma2_ptr, valid_ptr, k, KP: tl.constexpr):
+def _graded_kernel(n_ptr: tl.tensor, vec_ptr: tl.tensor, lam_ptr: tl.tensor, keep_ptr: tl.tensor, u_ptr: tl.tensor,
+                   sigma2_ptr: tl.tensor, valid_ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> None:
     """U, σ² (descending) and the valid columns of the graded factor F = N V Λ_keep^(1/2): the
     one-sided Jacobi SVD described above, in place of ``spectral.graded_range``'s QR + SVD."""
     r = tl.arange(0, KP)
@@ -331,7 +336,7 @@ def _graded_kernel(n_ptr, vec_ptr, lam_ptr, keep_ptr, u_ptr, sigma2_ptr, valid_p
     tl.store(valid_ptr + r, r < count, mask=r < k)
 
 
-@torch.library.triton_op("gradagg::tr_eigh", mutates_args=())
+@triton_op("gradagg::tr_eigh", mutates_args=())
 def _eigh_op(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = a.shape[-1]
     lam = torch.empty(k, dtype=torch.float64, device=a.device)
@@ -340,7 +345,7 @@ def _eigh_op(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam, vec
 
 
-@torch.library.triton_op("gradagg::tr_clean", mutates_args=())
+@triton_op("gradagg::tr_clean", mutates_args=())
 def _clean_op(raw: torch.Tensor, cut: float, tiny: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     k = raw.shape[-1]
     g = torch.empty((k, k), dtype=torch.float64, device=raw.device)
@@ -351,7 +356,7 @@ def _clean_op(raw: torch.Tensor, cut: float, tiny: float) -> tuple[torch.Tensor,
     return g, proj, status
 
 
-@torch.library.triton_op("gradagg::tr_graded_range", mutates_args=())
+@triton_op("gradagg::tr_graded_range", mutates_args=())
 def _graded_op(n: torch.Tensor, vec: torch.Tensor, lam: torch.Tensor,
                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     k = n.shape[-1]

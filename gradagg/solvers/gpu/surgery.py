@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from . import padded, warps
+from . import padded, triton_op, warps
 from ._float import finite, nan, recip, sqrt
 from ._tile import col, load_square, store_square
 from .aot import Kernel
@@ -43,7 +43,7 @@ DOWN = tl.constexpr(2.0**-100)
 
 
 @triton.jit
-def ranks(x, k, KP: tl.constexpr):
+def ranks(x: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """rank[i, j] = #{l < k, l ≠ i : x_il < x_ij, or x_il = x_ij and l < j}: where j falls in row i
     sorted stably with i itself left out (for j ≠ i, j < k)."""
     r = tl.arange(0, KP)
@@ -56,7 +56,7 @@ def ranks(x, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _partners(keys_ptr, k, KP: tl.constexpr):
+def _partners(keys_ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     """rank[i, j] of j in row i of the keys, KP (never a step) on the diagonal and the padding."""
     r = tl.arange(0, KP)
     square = (r[:, None] < k) & (r[None, :] < k)
@@ -65,14 +65,15 @@ def _partners(keys_ptr, k, KP: tl.constexpr):
 
 
 @triton.jit
-def _all_finite(ptr, k, KP: tl.constexpr):
+def _all_finite(ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr) -> tl.tensor:
     r = tl.arange(0, KP)
     x = tl.load(ptr + r[:, None] * k + r[None, :], mask=(r[:, None] < k) & (r[None, :] < k), other=0.0)
     return tl.sum((~finite(x.to(tl.float64))).to(tl.int32)) == 0
 
 
 @triton.jit
-def _pcgrad_kernel(g_ptr, keys_ptr, out_ptr, k, KP: tl.constexpr, WEIGHTS: tl.constexpr):
+def _pcgrad_kernel(g_ptr: tl.tensor, keys_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor, KP: tl.constexpr,
+                   WEIGHTS: tl.constexpr) -> None:
     """PCGrad's C (C ``py_pcgrad``), or with WEIGHTS its column sums 1ᵀC."""
     r = tl.arange(0, KP)
     inside = r < k
@@ -96,13 +97,14 @@ def _pcgrad_kernel(g_ptr, keys_ptr, out_ptr, k, KP: tl.constexpr, WEIGHTS: tl.co
 
 
 @triton.jit
-def _clamp0(x):
+def _clamp0(x: tl.tensor) -> tl.tensor:
     """max(x, 0), keeping NaN (as torch's clamp_min)."""
     return tl.where(x < 0, 0.0, x)
 
 
 @triton.jit
-def _gradvac_kernel(g_ptr, target_ptr, keys_ptr, c_ptr, new_ptr, k, decay: tl.float64, KP: tl.constexpr):
+def _gradvac_kernel(g_ptr: tl.tensor, target_ptr: tl.tensor, keys_ptr: tl.tensor, c_ptr: tl.tensor, new_ptr: tl.tensor,
+                    k: tl.tensor, decay: tl.float64, KP: tl.constexpr) -> None:
     """GradVac's C and updated targets, step for step as ``_methods.gradvac.gradvac_matrix``."""
     decay = tl.zeros([], tl.float64) + decay  # float64 in the interpreter too
     r = tl.arange(0, KP)
@@ -146,7 +148,7 @@ def _gradvac_kernel(g_ptr, target_ptr, keys_ptr, c_ptr, new_ptr, k, decay: tl.fl
 
 
 @triton.jit
-def round36(x):
+def round36(x: tl.tensor) -> tl.tensor:
     """x ≥ 0 rounded to 36 significant bits, half to even: C's ldexp(nearbyint(m·2^36)·2^−36, e)
     for x = m·2^e, m ∈ [½, 1) (and torch's frexp/round/ldexp). inf and NaN stay as they are."""
     small = x < TINY
@@ -158,7 +160,8 @@ def round36(x):
 
 
 @triton.jit
-def _krum_kernel(g_ptr, out_ptr, k, f, m, KP: tl.constexpr):
+def _krum_kernel(g_ptr: tl.tensor, out_ptr: tl.tensor, k: tl.tensor, f: tl.tensor, m: tl.tensor,
+                 KP: tl.constexpr) -> None:
     """Krum's weights (C ``krum_solve``): 1/m on the m rows of lowest quantised score."""
     r = tl.arange(0, KP)
     inside = r < k

@@ -14,15 +14,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from . import padded
+from . import padded, triton_op
 from .aot import Kernel
 
 
 @triton.jit
-def _gradnorm_kernel(g_ptr, current_ptr, theta_ptr, ref_ptr, step_ptr, w_ptr, k, alpha, lr, update_at,
-                     NORMS: tl.constexpr, KP: tl.constexpr):
+def _gradnorm_kernel(g_ptr: tl.tensor, current_ptr: tl.tensor, theta_ptr: tl.tensor, ref_ptr: tl.tensor,
+                     step_ptr: tl.tensor, w_ptr: tl.tensor, k: tl.tensor, alpha: tl.tensor, lr: tl.tensor,
+                     update_at: tl.tensor, NORMS: tl.constexpr, KP: tl.constexpr) -> None:
     r = tl.arange(0, KP)
     inside = r < k
     alpha = tl.zeros([], tl.float64) + alpha  # (the interpreter keeps Python floats as float32)
