@@ -6,6 +6,7 @@
 without the leading K.
 """
 
+from . import amp, distributed
 from ._api import (
                    NonFiniteError,
                    aggregate,
@@ -41,9 +42,11 @@ __all__ = [
     "SolverError",
     "State",
     "aggregate",
+    "amp",
     "autograd_jacobian",
     "backward",
     "cross_gramian",
+    "distributed",
     "from_config",
     "get_solver",
     "gramian",

@@ -12,12 +12,12 @@ import copy as _copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, cast, overload
 
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _device, _methods, distributed  # noqa: F401  (_methods registers every method)
+from . import _device, _methods, amp, distributed  # noqa: F401  (_methods registers every method)
 from ._gramian import (
     Gram,
     accumulation_dtype,
@@ -87,7 +87,7 @@ def _checked_k(leaves: list[Any], jac: Any) -> int:
         if leaf.dim() == 0:
             raise ValueError(f"leaf {i} of jac is 0-dimensional; every leaf needs a leading task dimension K"
                              f"{_per_task_hint(jac)}")
-    k = leaves[0].shape[0]
+    k: int = leaves[0].shape[0]
     for i, leaf in enumerate(leaves):
         if leaf.shape[0] != k:
             shapes = ", ".join(str(tuple(x.shape)) for x in leaves[:8])
@@ -169,8 +169,14 @@ class _Plan:
     simple: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.uses_gramian = self.normalizer is not None or any(step.method.uses_gramian for step in self.steps)
+        # A chain of several steps forms G even of fixed weightings: its transforms are applied to G.
+        self.uses_gramian = (self.normalizer is not None or len(self.steps) > 1
+                             or any(step.method.uses_gramian for step in self.steps))
         self.simple = len(self.steps) == 1 and self.tail is None and self.normalizer is None
+
+
+#: A method's ``weighting`` (``Method.weighting``, where the method is known to be a weighting).
+_Weighting: TypeAlias = Callable[..., torch.Tensor]
 
 
 def _elements(method: Any, options: dict[str, Any]) -> list[tuple[Method, dict[str, Any]]]:
@@ -184,7 +190,7 @@ def _elements(method: Any, options: dict[str, Any]) -> list[tuple[Method, dict[s
         if options:
             raise ValueError(f"options {sorted(options)} are ambiguous for a chain of methods; give them per element, "
                              f"as in method=[(\"gradvac\", {{\"decay\": 0.02}}), \"nsgd\"]")
-        out = []
+        out: list[tuple[Method, dict[str, Any]]] = []
         for item in method:
             if isinstance(item, str):
                 out.append((lookup(item), {}))
@@ -284,7 +290,9 @@ def _new_plan(method: Any, k: int, device: torch.device, normalize: Any, generat
             tail = steps.pop()
     norm = None if grad_normalizer in (None, "none") else grad_normalizer
     if norm is not None and not steps:
-        raise ValueError(f"grad_normalizer applies to weighting methods, not to {tail.method.name!r} alone")
+        # (no weighting left: the one method was taken as the tail)
+        raise ValueError(f"grad_normalizer applies to weighting methods, not to {cast(_Step, tail).method.name!r} "
+                         f"alone")
     every = steps + ([tail] if tail is not None else [])
     needs = next((f"method {s.method.name!r}" for s in every if s.method.uses_losses), None)
     if norm in ("loss", "loss+"):
@@ -362,13 +370,14 @@ _FIXED: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
 def _fixed_weights(method: Method, k: int, device: torch.device) -> torch.Tensor:
     """The weights (float64) of a method whose weights depend on K alone (cached)."""
+    weighting = cast(_Weighting, method.weighting)  # (a fixed method is a weighting)
     if torch.compiler.is_compiling():
-        return method.weighting(_zero_gramian(k, device), Context())
+        return weighting(_zero_gramian(k, device), Context())
     key = (method.name, k, device)
     if key not in _FIXED:
         if len(_FIXED) > 64:
             _FIXED.clear()
-        _FIXED[key] = method.weighting(_zero_gramian(k, device), Context())
+        _FIXED[key] = weighting(_zero_gramian(k, device), Context())
     return _FIXED[key]
 
 
@@ -419,7 +428,7 @@ def _normalizer_scale(g: torch.Tensor, kind: str, losses: torch.Tensor | None) -
     if kind == "l2":
         c = norms
     else:
-        c = losses.to(device=g.device, dtype=g.dtype)
+        c = cast(torch.Tensor, losses).to(device=g.device, dtype=g.dtype)  # (the plan checked them present)
         if kind == "loss+":
             c = c * norms
     return torch.where(c > 0, c, 1.0)
@@ -438,7 +447,7 @@ def _coefficients(plan: _Plan, g: torch.Tensor, noise: float) -> torch.Tensor:
         if step.method.transform is not None:
             t = step.method.transform(g, ctx, **step.options)
         else:
-            t = torch.diag(step.method.weighting(g, ctx, **step.options))
+            t = torch.diag(cast(_Weighting, step.method.weighting)(g, ctx, **step.options))  # (steps: weightings)
         c = t @ c
         g, c = _transformed_gramian(t @ g @ t.T, c, root, noise)
     return c
@@ -463,7 +472,7 @@ def _weights_from_g(plan: _Plan, gram: Gram, normalize: Normalize) -> torch.Tens
         step = plan.steps[0]
         ctx = Context(generator=plan.generator, state=step.state, losses=plan.losses, noise=gram.noise,
                       proj=gram.proj)
-        w = step.method.weighting(g, ctx, **step.options)
+        w = cast(_Weighting, step.method.weighting)(g, ctx, **step.options)  # (steps: weightings)
     else:
         w = _coefficients(plan, g, gram.noise).sum(0)
     if normalize == "sum":
@@ -480,6 +489,7 @@ def _gramian_and_finite(leaves: list[torch.Tensor], check_finite: CheckFinite, g
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     noise = noise_of(detached, sharded=group is not None)
     rescue = bool(check_finite) or detached[0].device.type == "cpu"
+    proj: torch.Tensor | None
     if group is None:
         if native.on_host(detached[0]) and not _device.on_triton(detached[0]):
             return host_gramian(detached, dtype, noise)
@@ -526,7 +536,8 @@ def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, chec
         w, combined = _host_stage(leaves, plan, check_finite, lambda p, gram: _weights_on(p, gram, normalize))
         return w, combined, True
     gram = _checked_gramian(leaves, check_finite, group) if formed else Gram(_zero_gramian(k, device), 0.0, None, True)
-    return (*_weights_on(plan, gram, normalize), formed)
+    w, combined = _weights_on(plan, gram, normalize)
+    return w, combined, formed
 
 
 def _weights_on(plan: _Plan, gram: Gram, normalize: Normalize) -> list[torch.Tensor]:
@@ -536,7 +547,7 @@ def _weights_on(plan: _Plan, gram: Gram, normalize: Normalize) -> list[torch.Ten
         # Non-finite input must never give a finite answer, whatever a solver did with it.
         w = w + 0.0 * torch.diagonal(gram.g).sum()
     project = gram.proj is not None and any(step.method.project_null for step in plan.steps)
-    return [w, (gram.proj @ w if project else w)]
+    return [w, (cast(torch.Tensor, gram.proj) @ w if project else w)]
 
 
 def _projector(gram: Gram) -> torch.Tensor:
@@ -564,8 +575,21 @@ def _has_kernels(plan: _Plan) -> bool:
     return all(ok(step.method, step.options) for step in plan.steps)
 
 
+# ``compute`` gets the plan ``_host_stage`` was given (copied to the host): a plan, or None for G alone.
+@overload
+def _host_stage(leaves: list[torch.Tensor], plan: _Plan, check_finite: CheckFinite,
+                compute: Callable[[_Plan, Gram], list[torch.Tensor]],
+                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]: ...
+
+
+@overload
+def _host_stage(leaves: list[torch.Tensor], plan: None, check_finite: CheckFinite,
+                compute: Callable[[None, Gram], list[torch.Tensor]],
+                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]: ...
+
+
 def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: CheckFinite,
-                compute: Callable[[_Plan | None, Gram], list[torch.Tensor]],
+                compute: Callable[[Any, Gram], list[torch.Tensor]],
                 given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]:
     """Runs ``compute(plan, gram)`` on the host and returns its tensors on the leaves' device.
 
@@ -588,7 +612,7 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
     else:
         (raw, noise), dtype = given, torch.float64
     extras: list[torch.Tensor] = []
-    stateful = [] if plan is None else [step for step in plan.steps if step.state is not None]
+    stateful: list[_Step] = [] if plan is None else [step for step in plan.steps if step.state is not None]
     if plan is not None and plan.losses is not None:
         extras.append(plan.losses)
     for step in stateful:
@@ -596,7 +620,8 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
     seeded = plan is not None and any(step.method.random for step in plan.steps) and (
         plan.generator is None or plan.generator.device.type != "cpu")
     if seeded:  # an integer below 2^52 travels exactly as a float64
-        extras.append(torch.randint(0, 2**52, (1,), generator=plan.generator, device=device))
+        # (seeded: plan is not None)
+        extras.append(torch.randint(0, 2**52, (1,), generator=cast(_Plan, plan).generator, device=device))
     parts = [raw.reshape(-1).to(torch.float64)] + [e.reshape(-1).to(torch.float64) for e in extras]
     host = (torch.cat(parts) if extras else parts[0]).to("cpu").split([p.numel() for p in parts])
     raw_h, rest = host[0].view(raw.shape), list(host[1:])
@@ -640,7 +665,7 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
 def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
               generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
               grad_normalizer: Normalizer = None, check_finite: CheckFinite = None, group: Any = None,
-              cross: Any = None, **options: Any) -> Any:
+              cross: Any = None, scaler: Any = None, **options: Any) -> Any:
     """Combines K task gradients into one: ``d = Σ_i w_i g_i`` for a weighting method.
 
     Args:
@@ -671,6 +696,12 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             sdmgrad, modo): ``(jac_a, jac_b)``, the Jacobians of two independent mini-batches with
             jac's structure, or their cross-Gramian ``gradagg.cross_gramian(jac_a, jac_b)``. ``jac``
             is then the Jacobian the step combines (a third batch, or the two batches' mean).
+        scaler: mixed precision: the ``torch.amp.GradScaler`` whose scaled losses gave jac (or the
+            loss scale s itself, a number or a 0-dim tensor). s is divided out before weighting, so
+            the weights and states are those of the unscaled J, and the result is returned times s,
+            for ``scaler.step`` to unscale with the other gradients. A J holding NaN or Inf (an
+            overflow, which the scaler skips) raises nothing: the result is NaN and every state is
+            left as it was. ``losses`` stay unscaled. See ``gradagg.amp``.
         **options: the method's options, see ``gradagg.methods()``.
 
     Returns:
@@ -678,6 +709,10 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         dtype (float16/bfloat16 are computed in float32). Differentiable in jac with the weights
         held constant.
     """
+    if scaler is not None:
+        return amp.scaled_call(aggregate, jac, method, scaler, dict(
+            normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
+            check_finite=check_finite, group=group, cross=cross, **options), rescale=True)
     leaves, tree, k = _flatten(jac)
     packed = _pack(leaves, k)
     if packed is not None:  # a small pytree: one [K, D] buffer costs less than a dispatch per leaf
@@ -690,6 +725,12 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     plan, group = _distribute(plan, group, device)
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if cross is not None or _crossed(plan):
+        if _eager_checks(check_finite, leaves[0]):  # J itself, before the cross-Gramian's state moves
+            bad = not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all())
+            if group is not None:
+                bad = distributed.any_flag(bad, group, device)
+            if bad:
+                _raise_non_finite(leaves, group)
         w = _cross_weights(plan, cross, leaves, normalize, check_finite, group)
         return _unflatten(_combine(w, leaves, dtype, group)[0], tree)
     if plan.tail is None:
@@ -729,7 +770,8 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         if bad:
             _raise_non_finite(leaves, group)
     ctx = Context(generator=gen, losses=plan.losses, state=plan.tail.state, group=group)
-    combined = plan.tail.method.combine(rows, ctx, **plan.tail.options)
+    combine = cast("Callable[..., list[torch.Tensor]]", plan.tail.method.combine)  # a per-coordinate tail's
+    combined = combine(rows, ctx, **plan.tail.options)
     if normalize == "sum":
         original = [_rows(leaf, dtype) for leaf in leaves]
         squares = torch.stack([torch.stack([r.sum(0).square().sum() for r in original]).sum(),
@@ -772,13 +814,18 @@ def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: An
 def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
             generator: torch.Generator | None = None, state: Any = None, losses: torch.Tensor | None = None,
             grad_normalizer: Normalizer = None, check_finite: CheckFinite = None, group: Any = None,
-            cross: Any = None, **options: Any) -> torch.Tensor:
+            cross: Any = None, scaler: Any = None, **options: Any) -> torch.Tensor:
     """The weights w [K] such that ``aggregate`` returns Σ_i w_i g_i (weighting methods and chains).
 
     Takes the same arguments as ``aggregate`` and advances a state the same way. Returns a
     detached float64 tensor on jac's device. graddrop and trimmed_mean act per coordinate and have
-    no such weights; they raise ValueError.
+    no such weights; they raise ValueError. With ``scaler=`` (see ``aggregate``) the weights are
+    those of the unscaled J, and NaN where J overflowed (the states then stay as they were).
     """
+    if scaler is not None:
+        return cast(torch.Tensor, amp.scaled_call(weights, jac, method, scaler, dict(
+            normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
+            check_finite=check_finite, group=group, cross=cross, **options), rescale=False))
     leaves, _, k = _flatten(jac)
     plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
@@ -791,7 +838,8 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
 def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, normalize: Normalize = None,
                          generator: torch.Generator | None = None, state: Any = None,
                          losses: torch.Tensor | None = None, grad_normalizer: Normalizer = None,
-                         check_finite: CheckFinite = None, noise: float | None = None, **options: Any) -> torch.Tensor:
+                         check_finite: CheckFinite = None, noise: float | None = None, scaler: Any = None,
+                         **options: Any) -> torch.Tensor:
     """The weights w [K] of a weighting method (or chain), from a precomputed Gramian G = J Jᵀ.
 
     For Gramians computed elsewhere: with respect to shared features (MGDA-UB), all-reduced over
@@ -803,7 +851,15 @@ def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, norma
     accumulated in G's dtype over 2¹⁵ columns (float32 for float32, bfloat16 and float16 G). For a
     float64 G that was accumulated in float32 elsewhere, pass ``gradagg.gramian_noise(jac)`` or
     your own bound; ``gradagg.gramian`` already removes the null space its floor cannot resolve.
+
+    With ``scaler=`` (a ``torch.amp.GradScaler`` or the loss scale s, see ``aggregate``), G is the
+    Gramian of the scaled Jacobian s J and is divided by s² before weighting; a G holding NaN or Inf
+    gives NaN weights and leaves the states as they were.
     """
+    if scaler is not None:
+        return amp.scaled_gramian_weights(weights_from_gramian, gramian, method, scaler, dict(
+            normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
+            check_finite=check_finite, noise=noise, **options))
     if not isinstance(gramian, torch.Tensor):
         raise TypeError(f"gramian must be a torch.Tensor, got {type(gramian).__name__}")
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
@@ -875,10 +931,10 @@ def _weights_from_cross(plan: _Plan, a: torch.Tensor, noise: float, normalize: N
     if plan.normalizer is not None:
         raise ValueError("grad_normalizer divides the rows of G, which a cross-Gramian method does not form")
 
-    def compute(p: _Plan | None, gram: Gram) -> list[torch.Tensor]:
+    def compute(p: _Plan, gram: Gram) -> list[torch.Tensor]:
         step = p.steps[0]
         ctx = Context(generator=p.generator, state=step.state, losses=p.losses, noise=gram.noise)
-        w = step.method.weighting(gram.g, ctx, **step.options)
+        w = cast(_Weighting, step.method.weighting)(gram.g, ctx, **step.options)  # (a cross method: a weighting)
         return [w + 0.0 * gram.g.sum()]  # non-finite A never gives finite weights
 
     if _host_route(a) or _device.on_triton(a):  # (no kernel: one round trip to the host)
@@ -967,9 +1023,10 @@ def init(method: Any, num_tasks: int, *, device: torch.device | str | None = Non
                          f"aggregate (for a wrapper such as crmogm, pass (name, options)); got {sorted(options)}")
     elements = _elements(method, {})
     # A state whose layout depends on the method's options (a wrapper's inner method) is built from them.
-    states = [m.state_class.from_options(opts, num_tasks, device=device, dtype=dtype)
-              if hasattr(m.state_class, "from_options") else m.state_class(num_tasks, device=device, dtype=dtype)
-              for m, opts in elements if m.stateful]
+    classes = [(cast("type[State]", m.state_class), opts) for m, opts in elements if m.stateful]
+    states = [cls.from_options(opts, num_tasks, device=device, dtype=dtype)
+              if hasattr(cls, "from_options") else cls(num_tasks, device=device, dtype=dtype)
+              for cls, opts in classes]
     if not states:
         names = ", ".join(m.name for m, _ in elements)
         raise ValueError(f"{names} {'is' if len(elements) == 1 else 'are'} stateless and needs no state; stateful "

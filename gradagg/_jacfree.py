@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import torch
 from torch.autograd.graph import GradientEdge
@@ -59,6 +60,7 @@ _BATCH_NORM = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBat
 
 
 def _named_inputs(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
+    items: list[tuple[str, torch.Tensor]]  # (the loop below checks that each entry is a Tensor)
     if isinstance(inputs, torch.nn.Module):
         items = [(n, p) for n, p in inputs.named_parameters() if p.requires_grad]
     elif isinstance(inputs, torch.Tensor):
@@ -93,13 +95,13 @@ def loss_vector(losses: Any) -> torch.Tensor:
 
 
 def _check_losses(losses: Any) -> torch.Tensor:
-    losses = loss_vector(losses)
-    if losses.grad_fn is None:
+    vec = loss_vector(losses)
+    if vec.grad_fn is None:
         raise ValueError("the losses have no autograd graph (computed under torch.no_grad, detached, or from "
                          "tensors that do not require grad)")
-    if not losses.is_floating_point():
-        raise TypeError(f"the losses must be floating point, got {losses.dtype}")
-    return losses
+    if not vec.is_floating_point():
+        raise TypeError(f"the losses must be floating point, got {vec.dtype}")
+    return vec
 
 
 # --- the autograd graph ----------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def _leaf_behind(graph: _Graph, node: Any) -> torch.Tensor | None:
             return None
         name = type(node).__name__
         if name == "AccumulateGrad":
-            return node.variable
+            leaf: torch.Tensor = node.variable
+            return leaf
         if name not in _PASS:
             return None
         kids = [child for child, _ in node.next_functions if child is not None]
@@ -277,7 +280,7 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-class _Roots(dict):
+class _Roots(dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]]):
     """R of the QR factorisation Xᵀ = Q R per product input X, so that Xᵀ Δ and R Δ have one
     Gramian; several products of one input (task heads on a shared representation) share it."""
 
@@ -444,7 +447,8 @@ def _batched_pass(losses: torch.Tensor, items: list[tuple[str, torch.Tensor]], f
             return
         eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
         try:
-            grads = torch.autograd.grad(losses, edges, grad_outputs=eye, is_grads_batched=True,
+            # (torch's annotation takes tensors or edges, but a list may mix them)
+            grads = torch.autograd.grad(losses, edges, grad_outputs=eye, is_grads_batched=True,  # type: ignore[arg-type]
                                         retain_graph=retain_graph, allow_unused=True, materialize_grads=False)
         except RuntimeError as exc:
             compiled = sorted({type(n).__name__ for n in graph.nodes.values() if "Compiled" in type(n).__name__})
@@ -496,13 +500,18 @@ def _fold_embedding(node: Any, delta: torch.Tensor, total: _Sum) -> None:
 # --- the per-example pass --------------------------------------------------------------------------
 
 
-def _fold_example(f: _Factor, delta: torch.Tensor, total: _Sum, k: int) -> None:
+def _saved(node: Any) -> Any:
+    """What an autograd node saved (its ``_saved_*`` attributes), read while the graph holds them."""
+    return SimpleNamespace(**{name: getattr(node, name) for name in dir(node) if name.startswith("_saved_")})
+
+
+def _fold_example(f: _Factor, delta: torch.Tensor, total: _Sum, k: int, node: Any) -> None:
+    """Folds one factored node's per-example gradients into G; ``node`` is what it saved (``_saved``)."""
     dtype = total.dtype
-    node = f.node
     if f.kind == "product":
-        x = getattr(node, _PRODUCTS[type(node).__name__])
+        x = getattr(node, _PRODUCTS[type(f.node).__name__])
         alpha = float(getattr(node, "_saved_alpha", 1))
-        t = _per_example_rows(x, k)  # (checked when the factor was made)
+        t = cast(int, _per_example_rows(x, k))  # (not None: checked when the factor was made)
         x, d = _as(x, dtype), _as(delta, dtype)
         n, width, out = x.shape[0], x.shape[1], d.shape[1]
         if t == 1 or n * n <= k * width * out:  # G_bb' = Σ over b's rows r, b''s rows r' of (X Xᵀ ⊙ Δ Δᵀ)_rr'
@@ -529,8 +538,10 @@ def _fold_example(f: _Factor, delta: torch.Tensor, total: _Sum, k: int) -> None:
             list(node._saved_output_padding), int(node._saved_groups))
 
     def one(xb: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.convolution_backward(db[None], xb[None], weight, None, args[0], args[1], args[2],
-                                                   args[3], args[4], args[5], [False, True, False])[1]
+        grad_weight: torch.Tensor = torch.ops.aten.convolution_backward(
+            db[None], xb[None], weight, None, args[0], args[1], args[2], args[3], args[4], args[5],
+            [False, True, False])[1]
+        return grad_weight
 
     total.rows(torch.func.vmap(one)(x, delta.detach()).to(dtype))
     if f.bias is not None:
@@ -542,11 +553,13 @@ def _example_pass(losses: torch.Tensor, factors: list[_Factor], total: _Sum, ret
     hold every example's output gradients (row b of Δ for loss b)."""
     k = losses.shape[0]
     edges = [GradientEdge(f.node, 0) for f in factors]
+    # The folds read what the factored nodes saved, which a pass without retain_graph frees: read first.
+    saved = [_saved(f.node) for f in factors]
     grads = torch.autograd.grad(losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain_graph,
                                 allow_unused=True, materialize_grads=False)
-    for f, grad in zip(factors, grads):
+    for f, grad, node in zip(factors, grads, saved):
         if grad is not None:
-            _fold_example(f, grad, total, k)
+            _fold_example(f, grad, total, k, node)
 
 
 def _refuse_batch_mixing(graph: _Graph, owners: dict[int, str], module: torch.nn.Module | None) -> None:

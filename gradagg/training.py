@@ -21,11 +21,12 @@ parameters' ``.grad`` so that any ``torch.optim`` optimizer can step.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils import _pytree as pytree
 
+from . import amp
 from ._api import _elements, _shapes, aggregate, is_weighting, weights, weights_from_gramian
 from ._jacfree import loss_vector, raw_gramian
 from ._methods.crmogm import inner_uses_losses
@@ -224,7 +225,8 @@ def stack_gradients(per_task: Sequence[Any]) -> Any:
     first = next((i for i, f in enumerate(flat) if f is not None), None)
     if first is None:
         raise ValueError(f"all {len(entries)} entries of per_task are None: no task has a gradient to stack")
-    ref_paths, spec = [p for p, _ in flat[first][0]], flat[first][1]
+    found = cast("tuple[list[tuple[pytree.KeyPath, Any]], pytree.TreeSpec]", flat[first])  # (not None: found above)
+    ref_paths, spec = [p for p, _ in found[0]], found[1]
     names = [f"leaf {pytree.keystr(p)}" if p else "the gradient" for p in ref_paths]
     columns: list[list[Any]] = []
     for i, f in enumerate(flat):
@@ -330,15 +332,17 @@ def backward(losses: torch.Tensor, inputs: Any, method: Any = "upgrad", *, weigh
     ``torch.amp.GradScaler`` as ``scaler``, the losses are scaled for the backward passes (so that
     float16 gradients do not underflow), G is divided by the scale's square before weighting, and
     ``.grad`` holds the scaled d for ``scaler.step``; an overflow gives non-finite gradients, which
-    the scaler skips. Methods that act per coordinate (graddrop, trimmed_mean) need J itself and
-    are refused: use ``gradagg.aggregate`` on a Jacobian.
+    the scaler skips, and leaves every state as it was (see ``gradagg.amp``). Methods that act per
+    coordinate (graddrop, trimmed_mean) need J itself and are refused: use ``gradagg.aggregate`` on a Jacobian.
 
     **Representation level** (``inputs`` a Tensor: the shared representation z = encoder(x) from
     which heads computed the losses, MGDA-UB style): the Jacobian of the losses with respect to z
     is aggregated into d = ∂/∂z (``kwargs`` go to ``gradagg.aggregate``), then one backward pass
     sends d into the encoder while each head receives its own task's gradient, as the old hook
     did. With ``weighted_loss=True`` (weighting methods only) it runs ``(w · losses).sum().backward()``
-    instead: the same encoder gradient, but each head's gradient is scaled by its w_i.
+    instead: the same encoder gradient, but each head's gradient is scaled by its w_i. ``scaler``
+    works here too: the losses are scaled for the backward passes and the weights are those of the
+    unscaled Jacobian (``aggregate``'s ``scaler=``).
 
     Returns the weights w [K] (float64) of weighting methods, or d (graddrop, trimmed mean, at the
     representation level).
@@ -346,12 +350,16 @@ def backward(losses: torch.Tensor, inputs: Any, method: Any = "upgrad", *, weigh
     losses = loss_vector(losses)
     if _over_parameters(inputs):
         return _parameter_backward(losses, inputs, method, batch_dim, scaler, kwargs)
-    if batch_dim is not None or scaler is not None:
-        raise ValueError("batch_dim and scaler apply when inputs are parameters (a Module, a Parameter, or a "
+    if batch_dim is not None:
+        raise ValueError("batch_dim applies when inputs are parameters (a Module, a Parameter, or a "
                          "collection of tensors), not to a representation-level backward")
     features = inputs
     if not isinstance(features, torch.Tensor) or not features.requires_grad:
         raise ValueError("features must be a Tensor that requires grad (the shared representation z)")
+    if scaler is not None:  # scaled backward passes; the weights are those of the unscaled Jacobian
+        losses = scaler.scale(losses) if callable(getattr(scaler, "scale", None)) else losses * amp.loss_scale(
+            scaler, losses.device).to(losses.dtype)
+        kwargs["scaler"] = scaler
     jac = autograd_jacobian(losses, [features], retain_graph=True)[0]
     if is_weighting(method):
         w = weights(jac, method, **kwargs)
@@ -384,11 +392,11 @@ def _parameter_backward(losses: torch.Tensor, inputs: Any, method: Any, batch_di
     scaled = losses
     if scaler is not None:
         scaled = scaler.scale(losses)
-        scale = scaler.scale(torch.ones((), dtype=torch.float64, device=losses.device))
-        options.setdefault("check_finite", False)  # an overflow is the scaler's to skip, not an error
+        scale = amp.loss_scale(scaler, losses.device)
     g, noise = raw_gramian(scaled, inputs, batch_dim=batch_dim, retain_graph=True)
-    if scaler is not None:
-        g = g / scale.to(torch.float64).square()
-    w = weights_from_gramian(g, method, noise=noise, **options)
+    if scaler is None:
+        w = weights_from_gramian(g, method, noise=noise, **options)
+    else:  # G of the scaled losses, s² G: divided by s², NaN weights and untouched states on an overflow
+        w = weights_from_gramian(g, method, noise=noise, scaler=scale, **options)
     scaled.backward(w.to(scaled.dtype))
     return w

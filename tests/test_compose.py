@@ -58,6 +58,16 @@ def test_chain_of_row_scalings_multiplies_weights(device, case):
     np.testing.assert_allclose(npy(gradagg.weights(j, ["mgda"])), npy(gradagg.weights(j, "mgda")), rtol=1e-12)
 
 
+def test_chains_of_fixed_weightings():
+    """Fixed weightings in a chain scale the rows in turn: (sum, mean) is the mean, (constant c,
+    mean) weights c_i / K. Such a chain forms G although none of its steps reads it."""
+    j = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gradagg.weights(j, ("sum", "mean")), torch.full((3,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(gradagg.aggregate(j, ("sum", "mean")), j.mean(0))
+    w = gradagg.weights(j, [("constant", {"weights": [1.0, 2.0, 3.0]}), "mean"])
+    torch.testing.assert_close(w, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) / 3)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_chain_ending_in_graddrop(device):
     jn = np.random.default_rng(3).standard_normal((2, 6))

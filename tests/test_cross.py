@@ -563,3 +563,18 @@ def test_defaults_are_the_contract():
         expected, w = sdmgrad_ref(a, w, lambda_=0.3, n_iter=20, lr=10.0, momentum=0.5)
         np.testing.assert_allclose(call("modo", a, s_modo), lam, atol=1e-13)
         np.testing.assert_allclose(call("sdmgrad", a, s_sdm), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sdmgrad", "modo"])
+def test_a_non_finite_step_jacobian_raises_before_the_state_moves(method):
+    """The step's J with a NaN (cross batches finite): the default CPU check raises NonFiniteError
+    naming the task, and the state is as it was."""
+    torch.manual_seed(0)
+    jac, a, b = (torch.randn(3, 8, dtype=torch.float64) for _ in range(3))
+    state = gradagg.init(method, 3)
+    gradagg.aggregate(jac, method, state=state, cross=(a, b))
+    before = {k: v.clone() for k, v in state.state_dict().items() if isinstance(v, torch.Tensor)}
+    jac[2, 4] = float("nan")
+    with pytest.raises(gradagg.NonFiniteError, match=r"tasks \[2\]"):
+        gradagg.aggregate(jac, method, state=state, cross=(a, b))
+    assert all(torch.equal(v, state.state_dict()[k]) for k, v in before.items())

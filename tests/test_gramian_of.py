@@ -147,6 +147,32 @@ def test_per_example_routes_agree_and_leave_no_graph_behind():
         losses.sum().backward()
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "encoder"])
+def test_per_example_route_without_retain_graph(model_name):
+    """batch_dim=0 with the default retain_graph=False: the folds read what the factored nodes
+    (Linear, convolution, layer norm) saved before the pass frees it, and G is exact."""
+    torch.manual_seed(5)
+    if model_name == "mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    elif model_name == "cnn":
+        model = SmallCNN().double()
+        x, y = cnn_data(torch.float64)
+    else:
+        model = TinyEncoder().double()
+        x, y = torch.randint(0, 20, (5, 4)), torch.randint(0, 3, (5,))
+
+    def losses():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    expected = loop_gramian(losses(), list(model.parameters()))
+    assert_gramian(gradagg.gramian_of(losses(), model, batch_dim=0), expected, torch.float64)
+    freed = losses()
+    gradagg.gramian_of(freed, model, batch_dim=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        freed.sum().backward()
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_batch_norm_in_train_mode_and_dropout(dropout):
     torch.manual_seed(1)
@@ -380,7 +406,7 @@ def test_backward_refuses_per_coordinate_methods():
     for method in ("graddrop", "trimmed_mean", ("pcgrad", "graddrop"), "excess_mtl", "moco"):
         with pytest.raises(ValueError, match=r"gradagg\.aggregate"):
             gradagg.backward(losses, model, method)
-    with pytest.raises(ValueError, match="batch_dim and scaler apply"):
+    with pytest.raises(ValueError, match="batch_dim applies when inputs are parameters"):
         gradagg.backward(losses, model.trunk(torch.randn(9, 7, dtype=torch.float64)), "mgda", batch_dim=0)
 
 
