@@ -15,7 +15,7 @@ import torch
 import gradagg
 from gradagg import amp
 
-from asserts import CROSS, options_for
+from asserts import CROSS, DEVICES, options_for
 
 K, D = 3, 40
 S = 2.0**16
@@ -51,7 +51,7 @@ class Caller:
     def kwargs(self, jac: torch.Tensor, scale: float = 1.0) -> dict:
         kw = dict(self.options, state=self.state, generator=self.generator)
         if self.losses is not None:
-            kw["losses"] = self.losses
+            kw["losses"] = self.losses.to(jac.device)
         if self.cross:  # two other batches' Jacobians, scaled as the step's is
             kw["cross"] = (jac.flip(1) * scale, jac.roll(3, 1) * scale)
         return kw
@@ -88,13 +88,18 @@ def scaler(scale: float = S) -> torch.amp.GradScaler:
 # --- the weights with a scaler are the unscaled ones --------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", METHODS)
-def test_aggregate_with_a_scaler_equals_the_unscaled_call(method):
+def test_aggregate_with_a_scaler_equals_the_unscaled_call(method, device):
     """Over 3 calls (states advancing): aggregate(s J, scaler) = s aggregate(J), bit for bit, and the
     states end equal."""
     plain, scaled = Caller(method), Caller(method)
-    grad_scaler = scaler()
+    if device != "cpu":
+        plain.generator = torch.Generator(device).manual_seed(7)
+        scaled.generator = torch.Generator(device).manual_seed(7)
+    grad_scaler = torch.amp.GradScaler(device, init_scale=S)
     for jac in jacobians(1, 3):
+        jac = jac.to(device)
         d = plain.aggregate(jac)
         d_scaled = scaled.aggregate(jac, grad_scaler, S)
         assert d_scaled.dtype == jac.dtype
@@ -167,14 +172,15 @@ def test_a_pytree_and_half_precision_leaves():
 # --- a skipped step leaves every state untouched -------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("method", STATEFUL)
-def test_an_overflowed_step_leaves_the_state_as_it_was(method, bad):
+def test_an_overflowed_step_leaves_the_state_as_it_was(method, bad, device):
     """Two good steps, a step whose J overflowed (returned as NaN, nothing raised, state bit for bit
     unchanged), then a good step that equals the one of a run that never saw the bad step."""
     run, reference = Caller(method), Caller(method)
-    grad_scaler = scaler()
-    good = jacobians(8, 3)
+    grad_scaler = torch.amp.GradScaler(device, init_scale=S)
+    good = [jac.to(device) for jac in jacobians(8, 3)]
     for jac in good[:2]:
         run.aggregate(jac, grad_scaler, S)
         reference.aggregate(jac)
@@ -185,7 +191,7 @@ def test_an_overflowed_step_leaves_the_state_as_it_was(method, bad):
     assert out.isnan().all(), method
     assert_same_state(before, snapshot(run.state))
     for caller in (run, reference):  # the generator's draws are not state: a skipped step still used them
-        caller.generator.manual_seed(99)
+        caller.generator = torch.Generator(device).manual_seed(99)
     assert torch.equal(run.aggregate(good[2], grad_scaler, S) / S, reference.aggregate(good[2])), method
     if method in WEIGHTINGS:
         before = snapshot(run.state)
