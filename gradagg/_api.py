@@ -522,20 +522,24 @@ def _checked_gramian(leaves: list[torch.Tensor], check_finite: CheckFinite, grou
 
 
 def _weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: CheckFinite,
-             group: Any = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+             group: Any = None, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(w in float64, the weights to combine J with, whether G was formed). The two differ where
     cleaning G removed a null space and the weights come from G's off-diagonal entries
     (``Method.project_null``): any w + v with Jᵀv = 0 gives the same d, and such a w may have
     components v along directions that G's noise floor cannot tell from null, computed from that
     noise (large ones: the singular Nash-MTL and FairGrad equations, MGDA's minimum at d = 0,
     PCGrad's projections between nearly dependent gradients), which in floating point would add it
-    to d. The weights combined are w with those components dropped."""
+    to d. The weights combined are w with those components dropped. With a loss ``scale`` s (the
+    leaves are s J), G is divided by s² once formed: the weights are those of J."""
     k, device = leaves[0].shape[0], leaves[0].device
     formed = plan.uses_gramian or normalize is not None
     if formed and group is None and _host_route(leaves[0], plan):
-        w, combined = _host_stage(leaves, plan, check_finite, lambda p, gram: _weights_on(p, gram, normalize))
+        w, combined = _host_stage(leaves, plan, check_finite, lambda p, gram: _weights_on(p, gram, normalize),
+                                  scale=scale)
         return w, combined, True
     gram = _checked_gramian(leaves, check_finite, group) if formed else Gram(_zero_gramian(k, device), 0.0, None, True)
+    if scale is not None and formed:
+        gram = gram._replace(g=gram.g / scale.to(device=gram.g.device, dtype=gram.g.dtype).square())
     w, combined = _weights_on(plan, gram, normalize)
     return w, combined, formed
 
@@ -579,18 +583,21 @@ def _has_kernels(plan: _Plan) -> bool:
 @overload
 def _host_stage(leaves: list[torch.Tensor], plan: _Plan, check_finite: CheckFinite,
                 compute: Callable[[_Plan, Gram], list[torch.Tensor]],
-                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]: ...
+                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False,
+                scale: torch.Tensor | None = None) -> list[torch.Tensor]: ...
 
 
 @overload
 def _host_stage(leaves: list[torch.Tensor], plan: None, check_finite: CheckFinite,
                 compute: Callable[[None, Gram], list[torch.Tensor]],
-                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]: ...
+                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False,
+                scale: torch.Tensor | None = None) -> list[torch.Tensor]: ...
 
 
 def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: CheckFinite,
                 compute: Callable[[Any, Gram], list[torch.Tensor]],
-                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False) -> list[torch.Tensor]:
+                given: tuple[torch.Tensor, float] | None = None, as_is: bool = False,
+                scale: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Runs ``compute(plan, gram)`` on the host and returns its tensors on the leaves' device.
 
     The raw Gramian is formed on the device, then copied to the host in one transfer together with
@@ -601,7 +608,9 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
     rescaled, because its float32 accumulation overflowed). The C solvers then run as on the CPU,
     the states are written back, and the results return in one more transfer. ``given`` is a
     (Gramian, noise) pair to use instead of the leaves' (``leaves`` is then [that Gramian]); with
-    ``as_is`` it is used as it is (a cross-Gramian: not symmetrised, not cleaned).
+    ``as_is`` it is used as it is (a cross-Gramian: not symmetrised, not cleaned). ``scale`` is a
+    loss scale s (0-dim, on the device) that travels with the rest: G is divided by s² before
+    ``compute``.
     """
     detached = [leaf.detach() for leaf in leaves]
     device = detached[0].device
@@ -622,6 +631,8 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
     if seeded:  # an integer below 2^52 travels exactly as a float64
         # (seeded: plan is not None)
         extras.append(torch.randint(0, 2**52, (1,), generator=cast(_Plan, plan).generator, device=device))
+    if scale is not None:
+        extras.append(scale)
     parts = [raw.reshape(-1).to(torch.float64)] + [e.reshape(-1).to(torch.float64) for e in extras]
     host = (torch.cat(parts) if extras else parts[0]).to("cpu").split([p.numel() for p in parts])
     raw_h, rest = host[0].view(raw.shape), list(host[1:])
@@ -638,6 +649,7 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
         generator = torch.Generator().manual_seed(int(rest.pop(0))) if seeded else plan.generator
         plan = dataclasses.replace(plan, steps=[_Step(s.method, s.options, states.get(id(s))) for s in plan.steps],
                                    losses=losses, generator=generator)
+    divisor = rest.pop(0).square() if scale is not None else None
     if as_is:
         gram = Gram(raw_h, noise, None, bool(torch.isfinite(raw_h).all()))
     else:
@@ -649,6 +661,8 @@ def _host_stage(leaves: list[torch.Tensor], plan: _Plan | None, check_finite: Ch
             if given:
                 raise NonFiniteError("the Gramian holds NaN or Inf; pass check_finite=False to skip this check")
             _raise_non_finite(leaves)
+    if divisor is not None:
+        gram = gram._replace(g=gram.g / divisor)
     out = compute(plan, gram)
     if plan is not None:
         for original, step in zip(stateful, [s for s in plan.steps if s.state is not None]):
@@ -709,7 +723,8 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         dtype (float16/bfloat16 are computed in float32). Differentiable in jac with the weights
         held constant.
     """
-    if scaler is not None:
+    if scaler is not None and (cross is not None or not _scaled_in_place(method)):
+        # Per-coordinate methods and cross-Gramians see J itself: they get J / s.
         return amp.scaled_call(aggregate, jac, method, scaler, dict(
             normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
             check_finite=check_finite, group=group, cross=cross, **options), rescale=True)
@@ -718,7 +733,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     if packed is not None:  # a small pytree: one [K, D] buffer costs less than a dispatch per leaf
         d = aggregate(packed, method, normalize=normalize, generator=generator, state=state, losses=losses,
                       grad_normalizer=grad_normalizer, check_finite=check_finite, group=group, cross=cross,
-                      **options)
+                      scaler=scaler, **options)
         return _unflatten(_unpack(d, leaves, k), tree)
     device = leaves[0].device
     plan = _make_plan(method, k, device, normalize, generator, state, losses, grad_normalizer, options)
@@ -736,7 +751,10 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     if plan.tail is None:
         if plan.simple and plan.steps[0].method.fixed and normalize is None:
             w, formed = _fixed_weights(plan.steps[0].method, k, device), False
-            raw = w
+            raw = w  # d = wᵀ(s J) = s d: nothing to unscale
+        elif scaler is not None:  # the leaves are s J: G / s², and d = wᵀ(s J) in the scaled units
+            raw, w, formed = _scaled_weights(leaves, plan, normalize, check_finite, group, scaler, state)
+            check_finite = False
         else:
             raw, w, formed = _weights(leaves, plan, normalize, check_finite, group)
         out, finite = _combine(w, leaves, dtype, group)
@@ -822,7 +840,7 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     no such weights; they raise ValueError. With ``scaler=`` (see ``aggregate``) the weights are
     those of the unscaled J, and NaN where J overflowed (the states then stay as they were).
     """
-    if scaler is not None:
+    if scaler is not None and (cross is not None or not _scaled_in_place(method)):
         return cast(torch.Tensor, amp.scaled_call(weights, jac, method, scaler, dict(
             normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
             check_finite=check_finite, group=group, cross=cross, **options), rescale=False))
@@ -832,7 +850,32 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     plan, group = _distribute(plan, group, leaves[0].device)
     if cross is not None or _crossed(plan):
         return _cross_weights(plan, cross, leaves, normalize, check_finite, group)
+    if scaler is not None:
+        return _scaled_weights(leaves, plan, normalize, check_finite, group, scaler, state)[0]
     return _weights(leaves, plan, normalize, check_finite, group)[0]
+
+
+def _scaled_in_place(method: Any) -> bool:
+    """Whether ``scaler=`` is handled by dividing G by s² (weightings of G, not of a cross-Gramian);
+    the other methods see J itself and get J / s (``amp.scaled_call``)."""
+    try:
+        elements = _elements(method, {})
+    except (TypeError, ValueError):
+        return False  # the call without the scaler raises the error
+    return all(m.weighting and not m.uses_cross for m, _ in elements)
+
+
+def _scaled_weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: CheckFinite,
+                    group: Any, scaler: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``_weights`` of J from its scaled leaves s J, with ``aggregate``'s ``scaler=`` contract: no
+    error on an overflow, whose weights are NaN (a non-finite G gives non-finite weights), and the
+    states as they were before the call wherever the weights are not finite."""
+    amp.check_finite_with_scaler(check_finite)
+    snapshot = amp.Snapshot(state)
+    scale = amp.loss_scale(scaler, leaves[0].device)
+    raw, w, formed = _weights(leaves, plan, normalize, False, group, scale)
+    snapshot.restore_where(~torch.isfinite(raw).all())
+    return raw, w, formed
 
 
 def weights_from_gramian(gramian: torch.Tensor, method: Any = "upgrad", *, normalize: Normalize = None,

@@ -8,7 +8,9 @@ MoCo and DB-MTL all read the magnitude of J. Passing ``scaler=`` to ``gradagg.ag
 ``gradagg.weights``, ``gradagg.weights_from_gramian`` or ``gradagg.backward`` divides s out before
 weighting, so every method's weights are those of the unscaled J (exactly: GradScaler's scales are
 powers of two), and returns the combined gradient in the scaled units of the other gradients, for
-``scaler.step`` to unscale with them.
+``scaler.step`` to unscale with them. Weightings divide their Gramian by s² (no copy of J);
+graddrop and trimmed_mean, positively homogeneous, run on s J itself; the methods with K x D states
+or a cross-Gramian get J / s, a temporary of J's size.
 
 A step whose Jacobian overflowed (NaN or Inf) is one the scaler skips. With ``scaler=`` such a call
 raises nothing, returns NaN where it would have returned a finite answer (so that the scaler sees
@@ -119,7 +121,7 @@ def _clone(value: Any) -> Any:
     return value  # None: a K x D field not allocated yet
 
 
-class _Snapshot:
+class Snapshot:
     """The values of some states' tensors, to put back where a step was skipped."""
 
     def __init__(self, state: Any) -> None:
@@ -162,7 +164,7 @@ def guard(scaler: Any, *states: Any) -> Iterator[None]:
     """
     if not callable(getattr(scaler, "scale", None)) or not callable(getattr(scaler, "update", None)):
         raise TypeError(f"guard needs a torch.amp.GradScaler, got {type(scaler).__name__}")
-    snapshot = _Snapshot(list(states))
+    snapshot = Snapshot(list(states))
     device = _device_of(states)
     before = loss_scale(scaler, device)
     yield
@@ -190,13 +192,42 @@ def _unscaled(leaf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _all_finite(leaves: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()
+    """Whether every entry is finite, without a temporary of the leaves' size: min and max propagate
+    NaN and show ±Inf."""
+    flags = [torch.isfinite(torch.stack(torch.aminmax(leaf.detach()))).all() for leaf in leaves if leaf.numel()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=leaves[0].device)
+
+
+def _agreed(finite: torch.Tensor, group: Any) -> torch.Tensor:
+    """The flag of every rank of ``group`` (sharded J): all must skip, and restore, alike."""
+    if group is None:
+        return finite
+    from . import distributed
+
+    return distributed.all_reduce_sum((~finite).to(torch.float64).reshape(1), group)[0] == 0
+
+
+def _homogeneous(method: Any) -> bool:
+    """Whether the method is a stateless per-coordinate one (graddrop, trimmed_mean): positively
+    homogeneous, f(s J) = s f(J) (exactly for a power of two s), so it needs no unscaled copy of J."""
+    from ._api import _elements
+
+    try:
+        elements = _elements(method, {})
+    except (TypeError, ValueError):
+        return False
+    return len(elements) == 1 and not any(m.weighting or m.stateful or m.uses_cross or m.uses_losses
+                                          for m, _ in elements)
+
+
+def check_finite_with_scaler(check_finite: bool | None) -> None:
+    if check_finite is True:
+        raise ValueError("check_finite=True contradicts scaler=: an overflow under a GradScaler is a step for the "
+                         "scaler to skip, not an error (the call then returns NaN and leaves the states alone)")
 
 
 def _check(kwargs: dict[str, Any]) -> None:
-    if kwargs.get("check_finite") is True:
-        raise ValueError("check_finite=True contradicts scaler=: an overflow under a GradScaler is a step for the "
-                         "scaler to skip, not an error (the call then returns NaN and leaves the states alone)")
+    check_finite_with_scaler(kwargs.get("check_finite"))
     kwargs["check_finite"] = False
 
 
@@ -215,6 +246,10 @@ def scaled_call(fn: Callable[..., Any], jac: Any, method: Any, scaler: Scaler, k
         return fn(jac, method, **kwargs)  # let the call raise its own error about the layout
     scale = loss_scale(scaler, leaves[0].device)
     finite = _all_finite(leaves)
+    if rescale and _homogeneous(method) and kwargs.get("cross") is None and kwargs.get("normalize") is None:
+        finite = _agreed(finite, kwargs.get("group"))
+        out_leaves, out_tree = tree_flatten(fn(jac, method, **kwargs))  # on s J itself: s f(J)
+        return tree_unflatten([_poisoned(o, finite) for o in out_leaves], out_tree)
     cross = kwargs.get("cross")
     if isinstance(cross, torch.Tensor):
         kwargs["cross"] = cross / scale.to(cross.device, torch.float64).square()
@@ -224,12 +259,8 @@ def scaled_call(fn: Callable[..., Any], jac: Any, method: Any, scaler: Scaler, k
         if all(isinstance(x, torch.Tensor) for flat, _ in pairs for x in flat):
             kwargs["cross"] = tuple(tree_unflatten([_unscaled(x, scale) for x in flat], spec) for flat, spec in pairs)
             finite = finite & torch.stack([_all_finite(flat).to(finite.device) for flat, _ in pairs]).all()
-    group = kwargs.get("group")
-    if group is not None:  # every rank must skip, and restore, alike
-        from . import distributed
-
-        finite = distributed.all_reduce_sum((~finite).to(torch.float64).reshape(1), group)[0] == 0
-    snapshot = _Snapshot(kwargs.get("state"))
+    finite = _agreed(finite, kwargs.get("group"))
+    snapshot = Snapshot(kwargs.get("state"))
     out = fn(tree_unflatten([_unscaled(leaf, scale) for leaf in leaves], tree), method, **kwargs)
     snapshot.restore_where(~finite)
     if not rescale:
@@ -249,7 +280,7 @@ def scaled_gramian_weights(fn: Callable[..., torch.Tensor], gramian: torch.Tenso
     g = gramian.float() if gramian.dtype in (torch.float16, torch.bfloat16) else gramian
     scale = loss_scale(scaler, g.device).to(g.dtype)
     finite = torch.isfinite(gramian).all()
-    snapshot = _Snapshot(kwargs.get("state"))
+    snapshot = Snapshot(kwargs.get("state"))
     w = fn(g / scale.square(), method, **kwargs)
     snapshot.restore_where(~finite)
     return _poisoned(w, finite)

@@ -8,12 +8,13 @@ unscaled call bit for bit. The unscaled call is an independent computation here:
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 import gradagg
-from gradagg import amp
+from gradagg import _device, amp
 
 from asserts import CROSS, DEVICES, options_for
 
@@ -409,3 +410,25 @@ def test_a_compiled_step_with_a_grad_scaler():
     broken[2, 2] = float("inf")
     assert step(broken).isnan().all()
     assert_same_state(before, snapshot(state))
+
+
+@pytest.mark.parametrize("route", ["host", "triton"])
+@pytest.mark.parametrize("method", [*STATEFUL, "upgrad", "mgda", "cagrad", "fairgrad"])
+def test_the_scale_on_the_host_and_triton_routes(method, route):
+    """The host route carries s to the host with G (one transfer) and divides there; the Triton route
+    divides on the device. Both equal the unscaled call of the same route, and an overflowed step
+    leaves the state as it was. (CPU tensors here: the routes are forced; Triton runs in its
+    interpreter.)"""
+    if route == "triton" and not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU) or CUDA")
+    plain, scaled = Caller(method), Caller(method)
+    with _device.use_solver(route):
+        for jac in jacobians(14, 2):
+            d = plain.aggregate(jac)
+            assert torch.equal(scaled.aggregate(jac, scaler(), S) / S, d)
+        before = snapshot(scaled.state)
+        broken = jacobians(15, 1)[0] * S
+        broken[0, 3] = float("inf")
+        kwargs = scaled.kwargs(broken)
+        assert gradagg.aggregate(broken, method, scaler=scaler(), **kwargs).isnan().all()
+        assert_same_state(before, snapshot(scaled.state))

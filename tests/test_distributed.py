@@ -113,6 +113,25 @@ def worker(rank: int, world: int, port: int) -> None:
                 assert ("tasks [2]" in str(exc)) == (rank == 0), str(exc)
             else:
                 raise AssertionError(f"{method}: no error on rank {rank}")
+        # scaler= on shards: the unscaled result, and an overflow on one rank is a skipped step on every
+        # rank (NaN everywhere, every rank's state as it was).
+        s = 2.0**16
+        for method in ("nash_mtl", "moco", "sdmgrad", "trimmed_mean", "upgrad"):
+            make_state = (lambda m=method: init_for(m, K)) if method in STATEFUL or method in CROSS else (lambda: None)
+            plain, scaled = make_state(), make_state()
+            expected = call(method, full[:, cols], plain, group=group)
+            got = call(method, full[:, cols] * s, scaled, group=group, scaler=s)
+            # (G / s² after the all-reduce and cleaning: equal to the unscaled call to rounding, 5e-13 here)
+            torch.testing.assert_close(got / s, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()),
+                                       msg=f"scaler: {method}")
+            overflowed = full[:, cols] * s
+            if rank == 0:
+                overflowed[1, 0] = float("inf")
+            before = None if scaled is None else {n: getattr(scaled, n).clone() for n in scaled.fields}
+            out = call(method, overflowed, scaled, group=group, scaler=s)
+            assert bool(out.isnan().all()), f"scaler overflow: {method} on rank {rank}"
+            if before is not None:
+                assert all(torch.equal(v, getattr(scaled, n)) for n, v in before.items()), f"state moved: {method}"
         # The data-parallel helper: one flat all-reduce of the per-task Jacobians.
         mine = {"a": torch.full((K, 3), float(rank)), "b": torch.full((K, 2, 2), 2.0 * rank)}
         avg = gradagg.distributed.average_jacobian(mine)
