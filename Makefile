@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --out bench-out
 	$(BIN)/python -m benchmarks.memory --out bench-out
+	$(BIN)/python -m benchmarks.amp --out bench-out
 
 bench-cuda: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

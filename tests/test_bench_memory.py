@@ -32,3 +32,14 @@ def test_memory_bench_smoke(tmp_path):
         assert gradagg_row["status"] == "ok" and gradagg_row["cos_vs_jacobian"] > 0.99999, gradagg_row
     # torchjd may be n/a (the bench extra is not installed), never an error.
     assert all(r["status"] in ("ok", "n/a") for r in rows.values()), [r.get("reason") for r in rows.values()]
+
+
+def test_amp_bench_smoke(tmp_path):
+    """benchmarks.amp runs end to end on a tiny J (one method, both modes) and writes its table."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.amp", "--k", "3", "--d", "2000", "--repeats", "1",
+                           "--methods", "nash_mtl", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| nash_mtl |" in (tmp_path / "amp.md").read_text()
+    (row,) = json.loads((tmp_path / "amp.json").read_text())["rows"]
+    assert row["plain_ms"] > 0 and row["scaler_ms"] > 0
