@@ -103,3 +103,58 @@ def test_site_builds_with_strict(tmp_path):
     api = (site / "api" / "index.html").read_text()
     for name in gradagg.__all__:
         assert name in api, name
+
+
+#: Tools the shell lines may run that are not part of this repository.
+EXTERNAL_MODULES = {"cibuildwheel", "jupyter"}
+
+
+def _source_of_module(module: str) -> Path | None:
+    path = ROOT / Path(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__main__.py", path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_shell_lines_refer_to_what_exists():
+    """The ```bash blocks are commands, not run here: each must name a make target of the Makefile,
+    an extra of pyproject.toml, a file or module of this repository, and only the flags its
+    argument parser declares."""
+    import tomllib
+
+    makefile = (ROOT / "Makefile").read_text()
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    checked = 0
+    for page in PAGES:
+        for block in re.findall(r"^```bash\n(.*?)^```", (DOCS / page).read_text(), flags=re.S | re.M):
+            for line in block.splitlines():
+                words = line.split("#")[0].split()
+                if not words:
+                    continue
+                checked += 1
+                tool, args = words[0], words[1:]
+                where = f"docs/{page}: {line.strip()}"
+                if tool == "make":
+                    assert all(re.search(rf"^{re.escape(t)}:", makefile, flags=re.M) for t in args), where
+                elif tool == "pip":
+                    for spec in re.findall(r"\.\[([\w,]+)\]", line):
+                        assert set(spec.split(",")) <= extras, where
+                elif tool in ("python", "torchrun"):
+                    files = [a for a in args if a.endswith(".py")]
+                    if "-m" in args:
+                        module = args[args.index("-m") + 1]
+                        if module in EXTERNAL_MODULES:
+                            continue
+                        source = _source_of_module(module)
+                        assert source is not None, where
+                        files.append(str(source.relative_to(ROOT)))
+                    assert files, where
+                    for file in files:
+                        assert (ROOT / file).is_file(), where
+                        text = (ROOT / file).read_text()
+                        for flag in (a.split("=")[0] for a in args if a.startswith("--") and tool == "python"):
+                            assert f'"{flag}"' in text, f"{where}: {file} declares no {flag}"
+                else:
+                    raise AssertionError(f"{where}: unexpected command {tool!r}")
+    assert checked >= 20
