@@ -59,6 +59,12 @@ def test_method_pages_have_the_template_sections():
         assert python_blocks(f"methods/{name}.md"), f"{name}'s page has no runnable example"
 
 
+def test_every_loss_weighting_has_a_section():
+    text = (DOCS / "methods" / "loss-weightings.md").read_text()
+    sections = set(re.findall(r"^##+ (\S+)\s*$", text, flags=re.M))
+    assert set(gradagg.scalarizations()) <= sections, set(gradagg.scalarizations()) - sections
+
+
 def test_pages_have_runnable_code():
     assert len(RUNNABLE) >= 20, RUNNABLE
 
