@@ -723,11 +723,11 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         dtype (float16/bfloat16 are computed in float32). Differentiable in jac with the weights
         held constant.
     """
-    if scaler is not None and (cross is not None or not _scaled_in_place(method)):
-        # Per-coordinate methods and cross-Gramians see J itself: they get J / s.
-        return amp.scaled_call(aggregate, jac, method, scaler, dict(
+    route = None if scaler is None else _scale_route(method, cross, normalize)
+    if route is not None and route != "gramian":  # per-coordinate methods and cross-Gramians see J itself
+        return amp.scaled_call(aggregate, jac, method, scaler, route, dict(
             normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
-            check_finite=check_finite, group=group, cross=cross, **options), rescale=True)
+            check_finite=check_finite, group=group, cross=cross, **options))
     leaves, tree, k = _flatten(jac)
     packed = _pack(leaves, k)
     if packed is not None:  # a small pytree: one [K, D] buffer costs less than a dispatch per leaf
@@ -741,11 +741,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     dtype = accumulation_dtype([leaf.dtype for leaf in leaves])
     if cross is not None or _crossed(plan):
         if _eager_checks(check_finite, leaves[0]):  # J itself, before the cross-Gramian's state moves
-            bad = not bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all())
-            if group is not None:
-                bad = distributed.any_flag(bad, group, device)
-            if bad:
-                _raise_non_finite(leaves, group)
+            _check_before_state(leaves, leaves, group)
         w = _cross_weights(plan, cross, leaves, normalize, check_finite, group)
         return _unflatten(_combine(w, leaves, dtype, group)[0], tree)
     if plan.tail is None:
@@ -782,11 +778,7 @@ def aggregate(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
         gen = distributed.coordinate_generator(gen, group, device)
     if plan.tail.state is not None and _eager_checks(check_finite, leaves[0]):
         # A stateful tail would take NaN into its state before the output check could raise.
-        bad = not bool(torch.stack([torch.isfinite(r).all() for r in rows]).all())
-        if group is not None:
-            bad = distributed.any_flag(bad, group, device)
-        if bad:
-            _raise_non_finite(leaves, group)
+        _check_before_state(rows, leaves, group)
     ctx = Context(generator=gen, losses=plan.losses, state=plan.tail.state, group=group)
     combine = cast("Callable[..., list[torch.Tensor]]", plan.tail.method.combine)  # a per-coordinate tail's
     combined = combine(rows, ctx, **plan.tail.options)
@@ -816,6 +808,17 @@ def _distribute(plan: _Plan, group: Any, device: torch.device) -> tuple[_Plan, A
     return plan, group
 
 
+def _check_before_state(tensors: list[torch.Tensor], leaves: list[torch.Tensor], group: Any) -> None:
+    """Raises ``NonFiniteError`` (on every rank of ``group``) if ``tensors`` (J's rows, or their
+    transform) hold NaN or Inf: a check made before a state moves, which the output check comes too
+    late for."""
+    bad = not bool(amp.all_finite(tensors))
+    if group is not None:
+        bad = distributed.any_flag(bad, group, leaves[0].device)
+    if bad:
+        _raise_non_finite(leaves, group)
+
+
 def _check_output(out: list[torch.Tensor], leaves: list[torch.Tensor], group: Any = None) -> None:
     """Where G was not formed: every result here (wᵀJ, and graddrop and the trimmed mean, which
     start from column sums) turns a NaN or Inf of J into a non-finite entry, and one sum reads
@@ -840,10 +843,10 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     no such weights; they raise ValueError. With ``scaler=`` (see ``aggregate``) the weights are
     those of the unscaled J, and NaN where J overflowed (the states then stay as they were).
     """
-    if scaler is not None and (cross is not None or not _scaled_in_place(method)):
-        return cast(torch.Tensor, amp.scaled_call(weights, jac, method, scaler, dict(
+    if scaler is not None and _scale_route(method, cross, normalize) != "gramian":  # a cross-Gramian
+        return cast(torch.Tensor, amp.scaled_call(weights, jac, method, scaler, "weights", dict(
             normalize=normalize, generator=generator, state=state, losses=losses, grad_normalizer=grad_normalizer,
-            check_finite=check_finite, group=group, cross=cross, **options), rescale=False))
+            check_finite=check_finite, group=group, cross=cross, **options)))
     leaves, _, k = _flatten(jac)
     plan = _make_plan(method, k, leaves[0].device, normalize, generator, state, losses, grad_normalizer, options)
     _require_weighting(plan)
@@ -855,14 +858,19 @@ def weights(jac: Any, method: Any = "upgrad", *, normalize: Normalize = None,
     return _weights(leaves, plan, normalize, check_finite, group)[0]
 
 
-def _scaled_in_place(method: Any) -> bool:
-    """Whether ``scaler=`` is handled by dividing G by s² (weightings of G, not of a cross-Gramian);
-    the other methods see J itself and get J / s (``amp.scaled_call``)."""
+def _scale_route(method: Any, cross: Any, normalize: Normalize) -> str:
+    """How ``scaler=`` divides the loss scale s out of a call (see ``gradagg.amp``): "gramian" for
+    the weightings of G (G / s² once formed), "homogeneous" for a stateless per-coordinate method
+    (positively homogeneous, f(s J) = s f(J) exactly for a power of two s: it runs on s J), "copy"
+    for the others (K x D states, cross-Gramians: they get J / s)."""
     try:
         elements = _elements(method, {})
     except (TypeError, ValueError):
-        return False  # the call without the scaler raises the error
-    return all(m.weighting and not m.uses_cross for m, _ in elements)
+        return "copy"  # the call itself raises the error
+    if cross is None and all(m.weighting and not m.uses_cross for m, _ in elements):
+        return "gramian"
+    stateless = not any(m.weighting or m.stateful or m.uses_cross or m.uses_losses for m, _ in elements)
+    return "homogeneous" if len(elements) == 1 and stateless and cross is None and normalize is None else "copy"
 
 
 def _scaled_weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normalize, check_finite: CheckFinite,
@@ -874,7 +882,8 @@ def _scaled_weights(leaves: list[torch.Tensor], plan: _Plan, normalize: Normaliz
     snapshot = amp.Snapshot(state)
     scale = amp.loss_scale(scaler, leaves[0].device)
     raw, w, formed = _weights(leaves, plan, normalize, False, group, scale)
-    snapshot.restore_where(~torch.isfinite(raw).all())
+    if snapshot.saved:
+        snapshot.restore_where(~torch.isfinite(raw).all())
     return raw, w, formed
 
 

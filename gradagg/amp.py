@@ -191,7 +191,7 @@ def _unscaled(leaf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return leaf / scale.to(leaf.device)
 
 
-def _all_finite(leaves: list[torch.Tensor]) -> torch.Tensor:
+def all_finite(leaves: list[torch.Tensor]) -> torch.Tensor:
     """Whether every entry is finite, without a temporary of the leaves' size: min and max propagate
     NaN and show ±Inf."""
     flags = [torch.isfinite(torch.stack(torch.aminmax(leaf.detach()))).all() for leaf in leaves if leaf.numel()]
@@ -205,19 +205,6 @@ def _agreed(finite: torch.Tensor, group: Any) -> torch.Tensor:
     from . import distributed
 
     return distributed.all_reduce_sum((~finite).to(torch.float64).reshape(1), group)[0] == 0
-
-
-def _homogeneous(method: Any) -> bool:
-    """Whether the method is a stateless per-coordinate one (graddrop, trimmed_mean): positively
-    homogeneous, f(s J) = s f(J) (exactly for a power of two s), so it needs no unscaled copy of J."""
-    from ._api import _elements
-
-    try:
-        elements = _elements(method, {})
-    except (TypeError, ValueError):
-        return False
-    return len(elements) == 1 and not any(m.weighting or m.stateful or m.uses_cross or m.uses_losses
-                                          for m, _ in elements)
 
 
 def check_finite_with_scaler(check_finite: bool | None) -> None:
@@ -236,17 +223,19 @@ def _poisoned(t: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return torch.where(finite.to(t.device), t, torch.full((), float("nan"), dtype=t.dtype, device=t.device))
 
 
-def scaled_call(fn: Callable[..., Any], jac: Any, method: Any, scaler: Scaler, kwargs: dict[str, Any],
-                rescale: bool) -> Any:
-    """``fn(jac / s, method, **kwargs)`` for ``aggregate`` (``rescale``: the result times s, in
-    jac's dtypes) or ``weights``, with states restored and NaN returned where J overflowed."""
+def scaled_call(fn: Callable[..., Any], jac: Any, method: Any, scaler: Scaler, route: str,
+                kwargs: dict[str, Any]) -> Any:
+    """``aggregate`` or ``weights`` (``fn``) with ``scaler=``, for the routes that do not divide G
+    (``_api._scale_route``): "homogeneous" runs ``fn`` on s J itself; "copy" runs it on J / s and
+    multiplies the result by s, in jac's dtypes; "weights" (``weights`` of a cross-Gramian method)
+    runs it on J / s. States are restored and NaN returned where J overflowed."""
     _check(kwargs)
     leaves, tree = tree_flatten(jac)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         return fn(jac, method, **kwargs)  # let the call raise its own error about the layout
     scale = loss_scale(scaler, leaves[0].device)
-    finite = _all_finite(leaves)
-    if rescale and _homogeneous(method) and kwargs.get("cross") is None and kwargs.get("normalize") is None:
+    finite = all_finite(leaves)
+    if route == "homogeneous":
         finite = _agreed(finite, kwargs.get("group"))
         out_leaves, out_tree = tree_flatten(fn(jac, method, **kwargs))  # on s J itself: s f(J)
         return tree_unflatten([_poisoned(o, finite) for o in out_leaves], out_tree)
@@ -258,12 +247,12 @@ def scaled_call(fn: Callable[..., Any], jac: Any, method: Any, scaler: Scaler, k
         pairs = [tree_flatten(c) for c in cross]
         if all(isinstance(x, torch.Tensor) for flat, _ in pairs for x in flat):
             kwargs["cross"] = tuple(tree_unflatten([_unscaled(x, scale) for x in flat], spec) for flat, spec in pairs)
-            finite = finite & torch.stack([_all_finite(flat).to(finite.device) for flat, _ in pairs]).all()
+            finite = finite & torch.stack([all_finite(flat).to(finite.device) for flat, _ in pairs]).all()
     finite = _agreed(finite, kwargs.get("group"))
     snapshot = Snapshot(kwargs.get("state"))
     out = fn(tree_unflatten([_unscaled(leaf, scale) for leaf in leaves], tree), method, **kwargs)
     snapshot.restore_where(~finite)
-    if not rescale:
+    if route == "weights":
         return _poisoned(out, finite)
     out_leaves, out_tree = tree_flatten(out)
     back = [_poisoned(o * scale.to(o.device, o.dtype), finite).to(leaf.dtype) for o, leaf in zip(out_leaves, leaves)]
@@ -282,5 +271,6 @@ def scaled_gramian_weights(fn: Callable[..., torch.Tensor], gramian: torch.Tenso
     finite = torch.isfinite(gramian).all()
     snapshot = Snapshot(kwargs.get("state"))
     w = fn(g / scale.square(), method, **kwargs)
-    snapshot.restore_where(~finite)
+    if snapshot.saved:
+        snapshot.restore_where(~finite)
     return _poisoned(w, finite)

@@ -357,9 +357,9 @@ def backward(losses: torch.Tensor, inputs: Any, method: Any = "upgrad", *, weigh
     if not isinstance(features, torch.Tensor) or not features.requires_grad:
         raise ValueError("features must be a Tensor that requires grad (the shared representation z)")
     if scaler is not None:  # scaled backward passes; the weights are those of the unscaled Jacobian
-        losses = scaler.scale(losses) if callable(getattr(scaler, "scale", None)) else losses * amp.loss_scale(
-            scaler, losses.device).to(losses.dtype)
-        kwargs["scaler"] = scaler
+        scale = amp.loss_scale(scaler, losses.device)
+        losses = losses * scale.to(losses.dtype)
+        kwargs["scaler"] = scale
     jac = autograd_jacobian(losses, [features], retain_graph=True)[0]
     if is_weighting(method):
         w = weights(jac, method, **kwargs)
@@ -389,14 +389,12 @@ def _parameter_backward(losses: torch.Tensor, inputs: Any, method: Any, batch_di
                          f"gradagg.aggregate(jac, {name!r}) and write it with gradagg.set_grad")
     if options.get("losses") is None and _needs_losses(method, options):
         options["losses"] = losses.detach()
-    scaled = losses
+    scaled, scale = losses, None
     if scaler is not None:
-        scaled = scaler.scale(losses)
         scale = amp.loss_scale(scaler, losses.device)
+        scaled = losses * scale.to(losses.dtype)  # what scaler.scale(losses) gives
     g, noise = raw_gramian(scaled, inputs, batch_dim=batch_dim, retain_graph=True)
-    if scaler is None:
-        w = weights_from_gramian(g, method, noise=noise, **options)
-    else:  # G of the scaled losses, s² G: divided by s², NaN weights and untouched states on an overflow
-        w = weights_from_gramian(g, method, noise=noise, scaler=scale, **options)
+    # With a scale: G of the scaled losses, s² G, divided by s²; NaN weights and untouched states on an overflow.
+    w = weights_from_gramian(g, method, noise=noise, scaler=scale, **options)
     scaled.backward(w.to(scaled.dtype))
     return w

@@ -35,7 +35,7 @@ import torch
 
 from .._registry import Context, Method, Option, real_at_least, real_in, register
 from ..state import Fields, WideState
-from .moco import differentiable, group_of, sq_norms
+from .moco import blend_into, differentiable, group_of, sq_norms
 
 EPS = 1e-8
 
@@ -63,8 +63,7 @@ def _db_mtl(rows: list[torch.Tensor], ctx: Context, beta: float, beta_sigma: flo
     scale = 1.0 / (losses.to(torch.float64) + EPS)  # ĝ_i = scale_i g_i
     if keep:  # B ← (1 − β_t) ĝ + β_t B, in place
         step = (1.0 - beta_t) * scale
-        for b, r in zip(state.buffer, data):
-            b.mul_(beta_t.to(b.dtype)).addcmul_(r, step.to(b.dtype).unsqueeze(1))
+        blend_into(state.buffer, data, beta_t, step)
         norms = sq_norms(state.buffer, group_of(ctx)).sqrt()
         alpha = norms.max() / (norms + EPS)
         out = [alpha.to(b.dtype) @ b for b in state.buffer]

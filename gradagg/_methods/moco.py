@@ -102,6 +102,13 @@ def wide_gramian(rows: list[torch.Tensor], group: Any = None) -> torch.Tensor:
     return g
 
 
+def blend_into(buffers: list[torch.Tensor], rows: list[torch.Tensor], keep: torch.Tensor, coef: torch.Tensor) -> None:
+    """B_l ← keep · B_l + diag(coef) R_l for every leaf l, in place, without a K x D temporary (the
+    EMAs of MoCo's Y and DB-MTL's buffer)."""
+    for b, r in zip(buffers, rows):
+        b.mul_(keep.to(b.dtype)).addcmul_(r, coef.to(b.dtype).unsqueeze(1))
+
+
 def differentiable(out: list[torch.Tensor], coef: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """``out`` with the derivative of Σ_i coef_i r_i in J (coef held constant), where J is recorded."""
     if not (torch.is_grad_enabled() and any(r.requires_grad for r in rows)):
@@ -144,9 +151,8 @@ def _moco(rows: list[torch.Tensor], ctx: Context, beta: float, beta_sigma: float
         coef = cast(torch.Tensor, ctx.losses).to(torch.float64) / (sq_norms(data, group).sqrt() + EPS)  # (present)
     else:
         coef = torch.ones(k, dtype=torch.float64, device=data[0].device)
-    step = beta_t * coef  # Y ← (1 − β_t) Y + β_t diag(c) J, in place, without a K x D temporary
-    for y, r in zip(state.y, data):
-        y.mul_((1.0 - beta_t).to(y.dtype)).addcmul_(r, step.to(y.dtype).unsqueeze(1))
+    step = beta_t * coef
+    blend_into(state.y, data, 1.0 - beta_t, step)  # Y ← (1 − β_t) Y + β_t diag(c) J
     lam = state.lam.to(torch.float64)
     m = wide_gramian(state.y, group)
     if rho:
